@@ -1,0 +1,126 @@
+"""Calibration: K paired FP / quantized runs -> per-run moment records (method.md section 3).
+
+Both models are evaluated on the *same* latent x_i of the full-precision trajectory, after
+classifier-free guidance is combined. Inside an unmodified diffusers pipeline this takes two
+passes per batch: the FP pass records its trajectory (`TrajectoryRecorder`); the quantized pass
+is teacher-forced onto it (`TeacherForcing`): at step i it sees the quantized guided output at
+x_i, adds (u, e) to the moments, and returns the FP trajectory's x_{i+1} as its next sample.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from . import moments
+from .hooks import StepHook, wrap_scheduler
+from .layout import by_channel, check_layout
+from .statistics import CalibrationPool
+
+
+class PairedAccumulator:
+    """Moment records of (u, e) for a batch of runs: scalar (B, S, 6) and per channel (B, S, C, 6)."""
+
+    def __init__(self, num_steps: int, layout: str = "image", trim_std: float = 4.0):
+        check_layout(layout)
+        self.num_steps, self.layout, self.trim_std = num_steps, layout, trim_std
+        self.scalar: torch.Tensor | None = None
+        self.channel: torch.Tensor | None = None
+        self.seen = torch.zeros(num_steps, dtype=torch.bool)
+
+    def add(self, i: int, u_quant: torch.Tensor, u_fp: torch.Tensor) -> None:
+        u = by_channel(u_quant.detach().double(), self.layout)
+        e = u - by_channel(u_fp.detach().double(), self.layout)
+        b, c, _ = u.shape
+        if self.scalar is None:
+            self.scalar = torch.zeros(b, self.num_steps, moments.FIELDS, dtype=torch.float64)
+            self.channel = torch.zeros(b, self.num_steps, c, moments.FIELDS, dtype=torch.float64)
+        self.channel[:, i] = moments.trimmed_moments(u, e, self.trim_std).cpu()
+        self.scalar[:, i] = moments.trimmed_moments(u.reshape(b, -1), e.reshape(b, -1), self.trim_std).cpu()
+        self.seen[i] = True
+
+    def pool(self, manifest: dict | None = None) -> CalibrationPool:
+        if self.scalar is None or not bool(self.seen.all()):
+            missing = (~self.seen).nonzero().flatten().tolist()
+            raise RuntimeError(f"calibration did not see steps {missing}")
+        return CalibrationPool(self.scalar, self.channel, dict(manifest or {}))
+
+
+class TrajectoryRecorder(StepHook):
+    """Records the latents x_i a sampler visits and the guided outputs it consumes."""
+
+    def prepare(self, scheduler):
+        self.samples: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []
+        self.final: torch.Tensor | None = None
+        self.timesteps = scheduler.timesteps.detach().double().cpu()
+
+    def step(self, scheduler, i, model_output, sample, parent, step_kwargs):
+        prev = parent(model_output).prev_sample
+        self.samples.append(sample.detach().clone())
+        self.outputs.append(model_output.detach().clone())
+        self.final = prev.detach().clone()
+        return prev
+
+    def next_sample(self, i: int) -> torch.Tensor:
+        return self.samples[i + 1] if i + 1 < len(self.samples) else self.final
+
+
+class TeacherForcing(StepHook):
+    """Keeps a second (quantized) pass on the recorded FP trajectory and accumulates (u, e)."""
+
+    def __init__(self, recorder: TrajectoryRecorder, accumulator: PairedAccumulator):
+        self.recorder, self.accumulator = recorder, accumulator
+
+    def step(self, scheduler, i, model_output, sample, parent, step_kwargs):
+        if not torch.equal(sample, self.recorder.samples[i]):
+            raise RuntimeError(f"teacher forcing lost the FP trajectory at step {i}: the pipeline changed the latents")
+        self.accumulator.add(i, model_output, self.recorder.outputs[i])
+        parent(model_output)  # keep the wrapped scheduler's own state consistent
+        return self.recorder.next_sample(i)
+
+
+def calibrate_batch(run: Callable[[object, bool], None], scheduler, num_steps: int,
+                    layout: str = "image", trim_std: float = 4.0) -> tuple[PairedAccumulator, torch.Tensor]:
+    """Paired moments of one batch of runs through an unmodified pipeline.
+
+    `run(scheduler, quantized)` must run the pipeline on the batch (same prompts, same seeds both
+    times) with the given scheduler and the denoiser in FP (`quantized=False`) or quantized mode.
+    Returns the accumulator and the timesteps the sampler used.
+    """
+    recorder = TrajectoryRecorder()
+    run(wrap_scheduler(scheduler, recorder), False)
+    accumulator = PairedAccumulator(num_steps, layout, trim_std)
+    run(wrap_scheduler(scheduler, TeacherForcing(recorder, accumulator)), True)
+    return accumulator, recorder.timesteps
+
+
+@torch.no_grad()
+def calibrate_denoisers(
+    fp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    quantized: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    latents: torch.Tensor,
+    num_steps: int,
+    *,
+    layout: str = "image",
+    trim_std: float = 4.0,
+    manifest: dict | None = None,
+) -> CalibrationPool:
+    """Calibrate from two denoiser callables without a pipeline (k-diffusion style).
+
+    `fp(x, t)` and `quantized(x, t)` return the guided raw output (epsilon, v or velocity) for the
+    scaled input x at timestep t. `latents` is the initial noise of the K runs (one per row).
+    """
+    scheduler = wrap_scheduler(scheduler, None)  # a fresh, unwrapped copy: do not disturb the caller's
+    scheduler.set_timesteps(num_steps)
+    x = latents * float(getattr(scheduler, "init_noise_sigma", 1.0))
+    acc = PairedAccumulator(len(scheduler.timesteps), layout, trim_std)
+    for i, t in enumerate(scheduler.timesteps):
+        x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+        u_fp = fp(x_in, t)
+        acc.add(i, quantized(x_in, t), u_fp)
+        x = scheduler.step(u_fp, t, x).prev_sample
+    info = {"steps": len(scheduler.timesteps), "timesteps": scheduler.timesteps.double().cpu().tolist(),
+            "layout": layout, "channels": acc.channel.shape[2], "trim_std": trim_std}
+    return acc.pool({**info, **(manifest or {})})

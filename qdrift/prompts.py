@@ -1,0 +1,139 @@
+"""Prompt sets: evaluation and calibration prompts (disjoint), and FID reference images.
+
+- builtin: a small grammar over the tiny models' vocabulary (smoke runs, tests); no references.
+- bench:   held-out captions of the procedural bench dataset; references rendered from them.
+- mjhq:    MJHQ-30K (the paper's evaluation set) from a local copy: the first `num_prompts` ids
+           in sorted order evaluate, the rest calibrate; references are MJHQ's own images.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from .cache import atomic_save_image
+
+
+class PromptSetUnavailable(RuntimeError):
+    pass
+
+
+class BuiltinPrompts:
+    """Deterministic toy prompts; even indices evaluate, odd ones calibrate."""
+
+    name = "builtin"
+    has_references = False
+
+    def __init__(self):
+        counts = ["a", "one", "two", "three"]
+        sizes = ["small", "large"]
+        colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+        shapes = ["circle", "square", "triangle", "star", "cross", "ring"]
+        grounds = ["red", "blue", "yellow", "white", "black", "green"]
+        combos = itertools.product(counts, sizes, colours, shapes, grounds)
+        self.all = [f"{c} {s} {col} {sh} on {g} background" for c, s, col, sh, g in combos if col != g]
+
+    def eval_prompts(self, n: int) -> list[str]:
+        return self._take(self.all[0::2], n)
+
+    def calib_prompts(self, n: int) -> list[str]:
+        return self._take(self.all[1::2], n)
+
+    def _take(self, pool, n):
+        if n > len(pool):
+            raise ValueError(f"the builtin prompt set has {len(pool)} prompts per split, asked for {n}")
+        # A fixed stride spreads the first n prompts over the grammar instead of varying one word.
+        return [pool[(i * 7919) % len(pool)] for i in range(n)]
+
+    def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
+        raise PromptSetUnavailable("the builtin prompt set has no reference images (use eval.reference=none)")
+
+
+class BenchPrompts:
+    name = "bench"
+    has_references = True
+
+    def eval_prompts(self, n: int) -> list[str]:
+        from qdrift.bench import captions
+
+        return captions("eval", n)
+
+    def calib_prompts(self, n: int) -> list[str]:
+        from qdrift.bench import captions
+
+        return captions("calib", n)
+
+    def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
+        from qdrift.bench import reference_images
+
+        for start in range(0, len(indices), 256):
+            idx = indices[start:start + 256]
+            images = reference_images([prompts[i] for i in idx], start_index=idx[0])
+            if images.shape[-1] != resolution:
+                images = torch.nn.functional.interpolate(images, size=resolution, mode="bilinear", antialias=True)
+            for i, img in zip(idx, images):
+                atomic_save_image(to_pil(img), out_dir / f"{i}.png")
+
+
+class MJHQPrompts:
+    """MJHQ-30K from a local directory: meta_data.json + <category>/<id>.jpg."""
+
+    name = "mjhq"
+    has_references = True
+
+    def __init__(self, root: str | None, num_eval: int):
+        if not root:
+            raise PromptSetUnavailable(
+                "eval.mjhq_dir is not set. Download MJHQ-30K (hub dataset playgroundai/MJHQ-30K: meta_data.json "
+                "and mjhq30k_imgs.zip, unzipped) and run with eval.mjhq_dir=/path/to/MJHQ-30K")
+        self.root = Path(root)
+        meta = self.root / "meta_data.json"
+        if not meta.is_file():
+            raise PromptSetUnavailable(f"{meta} not found: eval.mjhq_dir must hold MJHQ-30K's meta_data.json")
+        data = json.loads(meta.read_text())
+        self.ids = sorted(data)
+        self.meta = data
+        self.num_eval = num_eval
+
+    def eval_prompts(self, n: int) -> list[str]:
+        if n > self.num_eval:
+            raise ValueError(f"asked for {n} evaluation prompts, the split has {self.num_eval}")
+        return [self.meta[i]["prompt"] for i in self.ids[:n]]
+
+    def calib_prompts(self, n: int) -> list[str]:
+        rest = self.ids[self.num_eval:]
+        if n > len(rest):
+            raise ValueError(f"asked for {n} calibration prompts, MJHQ has {len(rest)} outside the evaluation split")
+        return [self.meta[i]["prompt"] for i in rest[:n]]
+
+    def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
+        from PIL import Image
+
+        for i in indices:
+            key = self.ids[i]
+            src = self.root / self.meta[key]["category"] / f"{key}.jpg"
+            if not src.is_file():
+                raise PromptSetUnavailable(f"MJHQ reference image {src} is missing")
+            img = Image.open(src).convert("RGB").resize((resolution, resolution), Image.BICUBIC)
+            atomic_save_image(img, out_dir / f"{i}.png")
+
+
+def prompt_set(eval_cfg):
+    name = eval_cfg.prompt_set
+    if name == "builtin":
+        return BuiltinPrompts()
+    if name == "bench":
+        return BenchPrompts()
+    if name == "mjhq":
+        return MJHQPrompts(eval_cfg.get("mjhq_dir"), int(eval_cfg.num_prompts))
+    raise ValueError(f"unknown prompt set {name!r}; choose builtin, bench or mjhq")
+
+
+def to_pil(image: torch.Tensor):
+    """(3, H, W) float in [0, 1] -> PIL image (rounded to 8 bits)."""
+    from PIL import Image
+
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)

@@ -1,0 +1,1 @@
+"""The stages of a run: build -> quantize -> calibrate -> generate -> evaluate -> log."""

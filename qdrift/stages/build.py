@@ -1,0 +1,13 @@
+"""build: load the model's pipeline and set up the sampler's scheduler."""
+from __future__ import annotations
+
+from qdrift.models.loaders import load_pipeline
+from qdrift.samplers import make_scheduler
+
+
+def build(ctx) -> None:
+    cfg = ctx.cfg
+    ctx.pipe = load_pipeline(cfg.model, ctx.device)
+    ctx.base_scheduler = make_scheduler(cfg.sampler.name, ctx.pipe.scheduler, cfg.model.prediction,
+                                        dict(cfg.sampler.get("options") or {}))
+    ctx.pipe.scheduler = ctx.base_scheduler

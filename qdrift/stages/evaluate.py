@@ -1,0 +1,69 @@
+"""evaluate: FID/KID vs references, FID/PSNR/SSIM vs FP, CLIP score, bootstrap CI of the FID change."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from qdrift.cache import Artifact, link_or_copy, text_hash
+from qdrift.eval import ClipImageFeatures, ClipScorer, InceptionFeatures, PixelFeatures, evaluate_variants, load_openclip
+
+log = logging.getLogger("qdrift")
+
+
+def feature_extractor(ctx):
+    e = ctx.cfg.eval
+    if e.features == "pixels":
+        return PixelFeatures()
+    if e.features == "inception":
+        return InceptionFeatures(e.get("inception_weights"), ctx.device)
+    clip = _bench_clip(ctx)
+    return ClipImageFeatures(clip.model, clip.image_size, clip.mean, clip.std, ctx.device, name="benchclip")
+
+
+def clip_scorer(ctx):
+    e = ctx.cfg.eval
+    if e.clip == "none":
+        return None
+    if e.clip == "bench":
+        c = _bench_clip(ctx)
+        return ClipScorer(c.model, c.tokenize, c.image_size, c.mean, c.std, ctx.device)
+    loaded = load_openclip(e.clip_arch, e.get("clip_pretrained"), e.get("clip_weights"), ctx.device)
+    return ClipScorer(*loaded, device=ctx.device)
+
+
+def _bench_clip(ctx):
+    if not hasattr(ctx, "_bench_clip"):
+        from qdrift.bench import load_eval_clip
+
+        ctx._bench_clip = load_eval_clip(ctx.device)
+    return ctx._bench_clip
+
+
+def reference_dir(ctx) -> Path | None:
+    """References for the evaluation prompts, cached once and linked into the run dir (index-aligned)."""
+    e = ctx.cfg.eval
+    if e.reference == "none":
+        return None
+    res = int(ctx.cfg.model.resolution)
+    art = Artifact(ctx.cache_dir, "references", {"prompt_set": e.prompt_set, "prompts": text_hash(ctx.prompts),
+                                                  "resolution": res, "source": e.reference})
+    missing = [i for i in range(len(ctx.prompts)) if not (art.path / f"{i}.png").is_file()]
+    if missing:
+        art.path.mkdir(parents=True, exist_ok=True)
+        ctx.prompt_set.write_references(missing, ctx.prompts, art.path, res)
+    if not art.manifest_path.is_file():
+        art.finish(count=len(ctx.prompts))
+    dst = ctx.run_dir / "references"
+    for i in range(len(ctx.prompts)):
+        link_or_copy(art.path / f"{i}.png", dst / f"{i}.png")
+    return dst
+
+
+def evaluate_stage(ctx, dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    e = ctx.cfg.eval
+    return evaluate_variants(
+        dirs, ctx.prompts, reference_dir(ctx), feature_extractor(ctx), clip_scorer(ctx),
+        fp="fp", baseline="quant", num_resamples=int(e.num_resamples), seed=int(ctx.cfg.seed),
+        kid_subset_size=min(int(e.kid_subset_size), len(ctx.prompts)), lpips_weights=e.get("lpips_weights"),
+        device=ctx.device,
+    )

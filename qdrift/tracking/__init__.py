@@ -1,0 +1,1 @@
+"""Experiment tracking: Weights & Biases (offline by default) and run-directory reports."""
