@@ -41,7 +41,12 @@ def load_pipeline(model_cfg, device: torch.device):
         pipe = _from_hub(model_cfg, family.pipeline_class, dtype)
     else:
         raise ValueError(f"unknown model source {source!r}; choose one of {SOURCES}")
-    pipe = pipe.to(device=device, dtype=dtype)
+    pipe = pipe.to(device)
+    if pipe.dtype != dtype:  # hub weights already load in `dtype`; tiny/bench ones are float32
+        pipe = pipe.to(dtype=dtype)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()  # in-code modules start in training mode: dropout would make sampling random
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

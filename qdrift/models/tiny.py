@@ -167,5 +167,8 @@ def build_tiny(family: str, seed: int = 0):
         raise ValueError(f"no tiny builder for model family {family!r}; known: {sorted(BUILDERS)}")
     torch.manual_seed(seed)
     pipe = BUILDERS[family]()
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
