@@ -68,13 +68,23 @@ class BenchPrompts:
     def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
         from qdrift.bench import reference_images
 
-        for start in range(0, len(indices), 256):
-            idx = indices[start:start + 256]
-            images = reference_images([prompts[i] for i in idx], start_index=idx[0])
+        # Reference i's render jitter depends on its index: render contiguous runs of indices.
+        for run in _contiguous_runs(sorted(indices), max_len=256):
+            images = reference_images([prompts[i] for i in run], start_index=run[0])
             if images.shape[-1] != resolution:
                 images = torch.nn.functional.interpolate(images, size=resolution, mode="bilinear", antialias=True)
-            for i, img in zip(idx, images):
+            for i, img in zip(run, images):
                 atomic_save_image(to_pil(img), out_dir / f"{i}.png")
+
+
+def _contiguous_runs(indices: list[int], max_len: int) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1 and len(runs[-1]) < max_len:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
 
 
 class MJHQPrompts:

@@ -47,3 +47,15 @@ def run_tiny(tmp_path):
         return runner.run(cfg, run_dir), run_dir
 
     return _run
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: extra OpenMP threads only add synchronisation (~15 ms per op on a busy 2-core
+    machine). Results do not depend on the thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,14 +6,7 @@ from qdrift.eval.bootstrap import bootstrap_mean_ci, paired_bootstrap_fid_delta
 from qdrift.eval.fid import frechet_distance
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: extra OpenMP threads only add synchronisation, which costs ~15 ms per op
-    on a busy shared 2-core machine. Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sets(n=120, d=24, shift_x=0.6, shift_y=0.1, seed=0, n_ref=None):

@@ -11,14 +11,7 @@ from qdrift.eval.clip_score import ClipScorer, clip_preprocess, load_openclip
 from qdrift.eval.features import ClipImageFeatures
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: extra OpenMP threads only add synchronisation, which costs ~15 ms per op
-    on a busy shared 2-core machine. Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, CTX = 100, 16
 MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)

@@ -12,14 +12,7 @@ from qdrift.eval.evaluate import evaluate_variants, format_table
 from qdrift.eval.features import PixelFeatures
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: extra OpenMP threads only add synchronisation, which costs ~15 ms per op
-    on a busy shared 2-core machine. Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 N, SIZE = 24, 32
 pytestmark = pytest.mark.filterwarnings("ignore:LPIPS skipped")  # no LPIPS weights here; checked once below

@@ -11,14 +11,7 @@ from qdrift.eval.features import INCEPTION_FILE, InceptionFeatures, PixelFeature
 from qdrift.eval.images import image_indices
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: extra OpenMP threads only add synchronisation, which costs ~15 ms per op
-    on a busy shared 2-core machine. Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_png(path, value: float, size=16, seed=None):

@@ -10,14 +10,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 from qdrift.eval.fid import frechet_distance, frechet_from_stats, gaussian_stats, kid
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: extra OpenMP threads only add synchronisation, which costs ~15 ms per op
-    on a busy shared 2-core machine. Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scipy_fid(a: torch.Tensor, b: torch.Tensor) -> float:

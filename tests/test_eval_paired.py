@@ -8,14 +8,7 @@ import torchvision
 from qdrift.eval.paired import PSNR_CAP_DB, load_lpips, lpips, paired_metrics, psnr, ssim
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: extra OpenMP threads only add synchronisation, which costs ~15 ms per op
-    on a busy shared 2-core machine. Results do not depend on the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _smooth_images(n=4, size=32, seed=0):

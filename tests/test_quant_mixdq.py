@@ -18,12 +18,7 @@ from qdrift.quant.observers import InputObserver
 PIXART_CALL = dict(use_resolution_binning=False, clean_caption=False, max_sequence_length=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("seed", range(5))

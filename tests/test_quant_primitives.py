@@ -12,12 +12,7 @@ from qdrift.quant.spec import QuantizerSpec
 from qdrift.quant.state import pack_codes, unpack_codes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny tensors: threading only adds contention on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _weight(out=48, inp=200, seed=0):

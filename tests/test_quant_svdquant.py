@@ -12,12 +12,7 @@ from qdrift.quant.spec import QuantizerSpec
 from qdrift.quant.svdquant import alpha_beta_grid, svdquant_linear
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _spec(**kw) -> QuantSpec:
