@@ -56,19 +56,33 @@ def make_scheduler(name: str, base, prediction: str, options: dict | None = None
     cls = SAMPLERS[name].cls
     if prediction == "flow":
         if name == "flow_euler":
-            over = {"shift": _flow_shift(cfg)}
-            if cls is type(base):
-                over = {}
-            return cls.from_config(cfg, **over, **options)
-        # DPM-Solver++ on flow sigmas (SANA's sampler; also runs FLUX-class models).
-        over = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=_flow_shift(cfg),
-                    algorithm_type="dpmsolver++", solver_order=2)
-        if cls is type(base):
-            over = dict(algorithm_type="dpmsolver++", solver_order=2)
-        return cls.from_config(cfg, **{**over, **options})
+            return cls.from_config(cfg, **options) if cls is type(base) else \
+                cls.from_config(cfg, shift=_flow_shift(cfg), **options)
+        return _flow_dpmpp(cls, cfg, options)
     over = {"prediction_type": prediction}
     if name == "dpmpp":
         over.update(algorithm_type="dpmsolver++", solver_order=2)
     if name == "ddim":
         over.update(clip_sample=False)
     return cls.from_config(cfg, **{**over, **options})
+
+
+def _flow_dpmpp(cls, cfg: dict, options: dict):
+    """DPM-Solver++ on flow sigmas with the base scheduler's time shift.
+
+    FluxPipeline always passes a resolution shift `mu`, which DPM-Solver accepts only with dynamic
+    exponential shifting; a static shift s is the special case base_shift = max_shift = log(s), so
+    both pipelines that pass `mu` and those that don't (SANA) see the same schedule.
+    """
+    import math
+
+    dynamic = bool(cfg.get("use_dynamic_shifting"))
+    shift = _flow_shift(cfg)
+    sch = cls.from_config(cfg, **{
+        "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": shift,
+        "algorithm_type": "dpmsolver++", "solver_order": 2, "use_dynamic_shifting": True,
+        "time_shift_type": "exponential", **options})
+    mu_range = {k: cfg[k] for k in ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+                if k in cfg} if dynamic else {"base_shift": math.log(shift), "max_shift": math.log(shift)}
+    sch.register_to_config(**mu_range)  # FluxPipeline reads these from scheduler.config to compute mu
+    return sch

@@ -196,3 +196,28 @@ def test_channel_pooling_broadcasts_per_channel_factors():
     b = trajectory("euler", None)
     assert torch.equal(a[:, 0], b[:, 0])            # V = 0 in channel 0: untouched
     assert not torch.equal(a[:, 3], b[:, 3])
+
+
+@pytest.mark.parametrize("kind", sorted(SAMPLERS))
+def test_wrapped_scheduler_keeps_the_signatures_pipelines_inspect(kind):
+    """Pipelines look for `sigmas`/`timesteps` in set_timesteps and `eta`/`generator` in step."""
+    import inspect
+
+    base = SAMPLERS[kind]()
+    wrapped = wrap_scheduler(base, QDrift(stats(4)))
+    for name in ("set_timesteps", "step"):
+        assert inspect.signature(getattr(wrapped, name)) == inspect.signature(getattr(base, name))
+
+
+def test_ancestral_sampling_in_a_pipeline_stays_seeded_when_wrapped():
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe = build_tiny("sdxl")
+    base = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    kw = dict(prompt=["a red circle"], num_inference_steps=4, height=32, width=32, output_type="pt", guidance_scale=0.0)
+    pipe.scheduler = base
+    plain = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    pipe.scheduler = wrap_scheduler(base, QDrift(stats(4, V=0.0)))
+    torch.manual_seed(123)  # the global RNG must not matter: noise comes from the generator
+    wrapped = pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert torch.equal(plain, wrapped)

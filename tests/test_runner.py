@@ -137,3 +137,17 @@ def test_command_line_prints_run_dir_last(tmp_path):
     bad = subprocess.run([*args[:2], "calib.num_runs=0", f"output_root={tmp_path}"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "error: calib.num_runs (K) must be an integer >= 1" in bad.stderr
+
+
+@pytest.mark.parametrize("model,sampler", [
+    ("tiny_flux", "flow_euler"), ("tiny_flux", "dpmpp"), ("tiny_sana", "dpmpp"), ("tiny_sana", "flow_euler"),
+    ("tiny_sdxl", "euler_a"), ("tiny_sd", "ddim"), ("tiny_sdxl", "euler"),
+])
+def test_every_family_runs_quantized_and_corrected(run_tiny, model, sampler):
+    """The same runner path for every pipeline family and sampler: PTQ, paired calibration, correction."""
+    metrics, run_dir = run_tiny([f"model={model}", f"sampler={sampler}", "quant=rtn_w8a8", "++quant.calib_prompts=1",
+                                 "eval.num_prompts=2", "batch_size=2", "corrector=[qdrift,qdrift_exact]"])
+    assert set(metrics["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact"}
+    summary = json.loads((run_dir / "stats/summary.json").read_text())
+    assert len(summary["residual_var_channel"][0]) == 4  # latent channels (FLUX's packed features mapped back)
+    assert max(v[0] for v in summary["residual_var_scalar"]) > 0

@@ -70,7 +70,16 @@ def step_index_of(scheduler, timestep) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _hooked_class(base: type) -> type:
-    return type(base.__name__, (_Hooked, base), {"__module__": __name__, "__qualname__": base.__qualname__})
+    cls = type(base.__name__, (_Hooked, base), {"__module__": __name__, "__qualname__": base.__qualname__})
+    # Pipelines inspect these signatures (custom sigmas, eta, generator): show the wrapped ones.
+    for name in ("set_timesteps", "step"):
+        method = getattr(_Hooked, name)
+
+        def forward(self, *args, _method=method, **kwargs):
+            return _method(self, *args, **kwargs)
+
+        setattr(cls, name, functools.wraps(getattr(base, name))(forward))
+    return cls
 
 
 def base_class(scheduler) -> type:
