@@ -7,6 +7,7 @@ constant after warm-up, so where an invocation stops does not change the schedul
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ class StagePlan:
     grad_clip: float = 1.0
     log_every: int = 100
     checkpoint_minutes: float = 2.0
+    bf16: bool = True       # bf16 autocast on CUDA (ignored on CPU, which trains in fp32)
 
 
 class Budget:
@@ -88,7 +90,8 @@ class StageRun:
         for m in self.modules.values():
             m.train()
         cuda = self.device.type == "cuda"
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.bf16) if cuda \
+            else torch.autocast("cpu", enabled=False)
         loss_sum, n_sum = torch.zeros((), device=self.device), 0
         last_log = last_ckpt = time.monotonic()
         steps_at_log = self.step
@@ -114,6 +117,9 @@ class StageRun:
             self.elapsed += time.monotonic() - t0
             if self.step % self.plan.log_every == 0 or self.finished():
                 mean = (loss_sum / n_sum).item()                  # the only host sync per interval
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"[{self.name}] loss is {mean} at step {self.step}: training diverged "
+                                             f"(nothing exported; see the stage's plan in train_bench.py)")
                 now = time.monotonic()
                 rate = (self.step - steps_at_log) / max(now - last_log, 1e-9)
                 self.history.append((self.step, mean))

@@ -40,8 +40,7 @@ def quantize_stage(ctx) -> dict | None:
             images.append(call_pipeline(ctx, [prompts[i] for i in idx], [seed0 + i for i in idx], ctx.base_scheduler))
         return torch.cat(images)
 
-    report = quantize(ctx.denoiser, spec, ctx.family.name, calibrate, progress=True)
-    log.info("%s", report.summary())
+    report = quantize(ctx.denoiser, spec, ctx.family.name, calibrate, progress=True)  # logs its summary
     save_quant_state(ctx.denoiser, art.file("state.safetensors"))
     summary = report.to_dict() if hasattr(report, "to_dict") else {"summary": report.summary()}
     art.finish(report=summary)
