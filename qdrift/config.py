@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from .drift.correctors import CORRECTORS
 from .drift.rules import MODES
@@ -13,6 +14,9 @@ from .drift.statistics import POOLINGS
 from .models.families import FAMILIES
 from .models.loaders import DTYPES, SOURCES
 from .samplers import check_sampler
+
+# For Hydra's sweep subdir (conf/config.yaml): an override value with "/" would nest folders.
+OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "_"), replace=True)
 
 FEATURES = ("pixels", "clip", "inception")
 CLIPS = ("none", "bench", "openclip")

@@ -151,3 +151,43 @@ def test_every_family_runs_quantized_and_corrected(run_tiny, model, sampler):
     summary = json.loads((run_dir / "stats/summary.json").read_text())
     assert len(summary["residual_var_channel"][0]) == 4  # latent channels (FLUX's packed features mapped back)
     assert max(v[0] for v in summary["residual_var_scalar"]) > 0
+
+
+def test_multirun_sweep_over_k(tmp_path):
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    args = [sys.executable, "run.py", "-m", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=2", "batch_size=2",
+            "sampler.steps=2", "quant=rtn_w8a8", "++quant.calib_prompts=1", "logger=none", f"output_root={tmp_path}",
+            "calib.num_runs=1,2"]
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = sorted(tmp_path.glob("multirun/*/*/*/metrics.json"))
+    assert len(metrics) == 2
+    ks = sorted(json.loads(m.read_text())["config"]["calib"]["num_runs"] for m in metrics)
+    assert ks == [1, 2]
+    # One calibration pool, extended from 1 to 2 runs by the second job.
+    pools = list((tmp_path / "cache" / "calib").glob("*/pool.safetensors"))
+    assert len(pools) == 1
+
+
+def test_embedded_default_end_to_end_on_few_prompts(tmp_path):
+    """`make run` (= `python run.py`, no overrides) on the shipped bench model, with fewer prompts and a
+    lighter SVDQuant search: every stage runs for real and prints the table and the run dir."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    args = [sys.executable, "run.py", "eval.num_prompts=16", "quant.calib_prompts=8", "quant.calib_tokens=512",
+            "quant.lowrank_iters=5", "logger=none", f"output_root={tmp_path}"]
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    run_dir = Path(lines[-1])
+    assert run_dir.is_dir() and run_dir.parent.parent == tmp_path / "runs"
+    assert any(line.startswith("qdrift ") for line in lines) and any("FID" in line for line in lines)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    cfg = metrics["config"]
+    assert (cfg["model"]["name"], cfg["quant"]["name"], cfg["quant"]["rank"], cfg["calib"]["num_runs"]) == \
+        ("bench_dit", "svdquant_w3a4", 4, 5)
+    assert set(metrics["variants"]) == {"fp", "quant", "qdrift"}
+    for variant in ("fp", "quant", "qdrift"):
+        assert len(list((run_dir / "images" / variant).glob("*.png"))) == 16
+    quant = metrics["variants"]["quant"]
+    assert quant["psnr_vs_fp"] < 40 and quant["fid_vs_fp"] > 0       # really quantized: images differ from FP
+    assert "fid_delta_ci_low" in metrics["variants"]["qdrift"]
