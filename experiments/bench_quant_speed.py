@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import PixArtTransformer2DModel
+from omegaconf import OmegaConf
 
 from qdrift.quant import QuantSpec, dequantize, quantize
 from qdrift.quant.calib import replay_calibrator
@@ -69,7 +69,10 @@ def denoiser_inputs(cfg: dict, batch: int, latent: int, text_len: int, device, d
 
 
 def spec_for(option: str, args: argparse.Namespace) -> QuantSpec:
-    cfg = yaml.safe_load((ROOT / "conf" / "quant" / f"{option}.yaml").read_text())
+    # Next to PixArt's model config, as in a real run, so interpolations (the SVDQuant rank) resolve.
+    conf = OmegaConf.create({"model": OmegaConf.load(ROOT / "conf" / "model" / "pixart.yaml"),
+                             "quant": OmegaConf.load(ROOT / "conf" / "quant" / f"{option}.yaml")})
+    cfg = OmegaConf.to_container(conf.quant, resolve=True)
     cfg["calib_prompts"] = args.calib_calls
     if cfg["method"] == "svdquant":
         cfg.update(calib_tokens=args.calib_tokens or (128 if args.tiny else 1024), lowrank_iters=args.lowrank_iters)
