@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Collect run directories (metrics.json) into the bench table: one row per setting and variant.
+
+The table is a sweep of ordinary runs; on a GPU, for example:
+
+    python run.py -m model=bench_dit,bench_unet quant=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8 \
+        corrector=all eval.num_prompts=2000 device=cuda batch_size=250 logger=none
+    python run.py -m model=bench_flow sampler=flow_euler,dpmpp quant=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8 \
+        corrector=all eval.num_prompts=2000 device=cuda batch_size=250 logger=none
+    python experiments/bench_table.py outputs/multirun > bench_table.md
+
+Every run found under the given folders is listed, including settings where a corrector does not help.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3", "CLIP",
+           "FID delta vs quant [95% CI]")
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def rows(metrics_file: Path) -> list[list[str]]:
+    result = json.loads(metrics_file.read_text())
+    cfg = result["config"]
+    setting = [cfg["model"]["name"], cfg["sampler"]["name"], str(cfg["sampler"]["steps"]), cfg["quant"]["name"],
+               str(cfg["calib"]["num_runs"]), str(result.get("num_prompts", "?"))]
+    out = []
+    order = sorted(result["variants"], key=lambda v: (v != "fp", v != "quant", v))   # fp, quant, then correctors
+    for variant in order:
+        m = result["variants"][variant]
+        delta = "-"
+        if "fid_delta_vs_quant" in m:
+            delta = f"{m['fid_delta_vs_quant']:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]"
+        kid = m.get("kid_mean")
+        out.append(setting + [variant, _num(m.get("fid"), ".4f"), _num(None if kid is None else 1e3 * kid, ".3f"),
+                              _num(m.get("clip_score"), ".2f"), delta])
+    return out
+
+
+def markdown(all_rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in all_rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("roots", nargs="+", type=Path, help="run directories or folders holding them (searched recursively)")
+    args = p.parse_args(argv)
+    files = sorted({f for root in args.roots for f in ([root / "metrics.json"] if (root / "metrics.json").is_file()
+                                                       else root.rglob("metrics.json"))})
+    if not files:
+        print(f"error: no metrics.json under {', '.join(map(str, args.roots))}", file=sys.stderr)
+        return 2
+    all_rows = [r for f in files for r in rows(f)]
+    all_rows.sort(key=lambda r: tuple(r[:4]))      # stable: variants keep their run order
+    print(markdown(all_rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""experiments/bench_table.py: run directories -> one markdown row per setting and variant."""
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("bench_table", ROOT / "experiments" / "bench_table.py")
+bench_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_table)
+
+
+def _run(path: Path, model: str, delta: float) -> None:
+    path.mkdir(parents=True)
+    config = {"model": {"name": model}, "sampler": {"name": "dpmpp", "steps": 20},
+              "quant": {"name": "svdquant_w3a4"}, "calib": {"num_runs": 5}}
+    variants = {  # written with sorted keys, like the runner's metrics.json
+        "fp": {"fid": 0.09, "kid_mean": 8e-4, "clip_score": 66.0},
+        "qdrift": {"fid": 0.18, "kid_mean": 2e-3, "clip_score": 60.0, "fid_delta_vs_quant": delta,
+                   "fid_delta_ci_low": delta - 0.01, "fid_delta_ci_high": delta + 0.01},
+        "quant": {"fid": 0.2, "kid_mean": 2.5e-3, "clip_score": 59.0},
+    }
+    (path / "metrics.json").write_text(json.dumps({"variants": variants, "config": config, "num_prompts": 300},
+                                                  sort_keys=True))
+
+
+def test_collects_every_run_with_fp_and_quant_first(tmp_path, capsys):
+    _run(tmp_path / "sweep" / "0_a", "bench_unet", +0.02)     # a setting where Q-Drift hurts is listed too
+    _run(tmp_path / "sweep" / "1_b", "bench_dit", -0.017)
+    assert bench_table.main([str(tmp_path / "sweep")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 6
+    assert [line.split(" | ")[6] for line in lines[2:]] == ["fp", "quant", "qdrift"] * 2
+    assert lines[2].startswith("| bench_dit | dpmpp | 20 | svdquant_w3a4 | 5 | 300 |")
+    assert "-0.0170 [-0.0270, -0.0070]" in lines[4] and "+0.0200 [+0.0100, +0.0300]" in lines[7]
+
+
+def test_no_runs_is_an_error(tmp_path, capsys):
+    assert bench_table.main([str(tmp_path)]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
