@@ -5,6 +5,7 @@ the pipeline's own scheduler config, so switching sampler keeps the model's trai
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from diffusers import (
@@ -74,8 +75,6 @@ def _flow_dpmpp(cls, cfg: dict, options: dict):
     exponential shifting; a static shift s is the special case base_shift = max_shift = log(s), so
     both pipelines that pass `mu` and those that don't (SANA) see the same schedule.
     """
-    import math
-
     dynamic = bool(cfg.get("use_dynamic_shifting"))
     shift = _flow_shift(cfg)
     sch = cls.from_config(cfg, **{

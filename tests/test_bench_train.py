@@ -10,7 +10,7 @@ import torch
 
 from qdrift.bench import configs
 from qdrift.bench.grammar import ATTRIBUTES, MAX_TOKENS
-from qdrift.bench.conditioning import encode, pack, tokenize, unpack
+from qdrift.bench.conditioning import encode, pack, unpack
 from qdrift.bench.dataset import captions, reference_images
 from qdrift.bench.evalclip import (
     EvalClip,
@@ -19,6 +19,7 @@ from qdrift.bench.evalclip import (
     retrieval_accuracy,
 )
 from qdrift.bench.models import generate, load_bench_pipeline, load_tokenizer
+from qdrift.bench.tokens import token_ids
 from qdrift.bench.trainloop import StagePlan, StageRun
 from qdrift.bench.weights import (
     REPORT_FILE,
@@ -87,7 +88,7 @@ def test_training_conditioning_matches_the_pipeline(tiny, name):
     """Training feeds the denoiser exactly what the pipeline's own encode_prompt computes."""
     pipe = load_bench_pipeline(name, weights_dir=tiny[1])
     prompts = captions("eval", 3) + [""]
-    ids, mask = tokenize(pipe.tokenizer, prompts)
+    ids, mask = token_ids(pipe.tokenizer, prompts, MAX_TOKENS)   # what training feeds (traindata.prepare)
     encoders = {k: getattr(pipe, k) for k in configs.TEXT_ENCODERS[name]}
     with torch.no_grad():
         ours = encode(name, encoders, ids, mask)

@@ -10,13 +10,6 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline
 
-from .grammar import MAX_TOKENS
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int = MAX_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), padded to `max_length` as every bench pipeline pads."""
-    enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    return enc.input_ids, enc.attention_mask
 
 
 def encode(name: str, encoders: dict[str, torch.nn.Module], ids: torch.Tensor, mask: torch.Tensor) -> dict:

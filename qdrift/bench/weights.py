@@ -40,7 +40,7 @@ def regenerate_hint(file: str) -> str:
 
 
 def weights_available(path: str | Path | None = None) -> bool:
-    """True when every bench weights file is present (a fresh checkout has none until the GPU run lands them)."""
+    """True when every bench weights file is present (they ship with the package)."""
     d = weights_dir(path)
     return all((d / f).is_file() for f in REQUIRED)
 
