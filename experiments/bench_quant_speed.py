@@ -6,7 +6,9 @@
 Builds `PixArtTransformer2DModel` with PixArt-Sigma-XL-2-1024-MS's architecture (28 layers,
 16 heads x 72 = 1152 hidden, patch 2, T5 caption 4096 channels) and random FP16 weights, then
 times one denoiser forward at 1024x1024 (128x128 latents, batch 2 for CFG, 300 text tokens):
-FP16 and each method's fake-quant twin (median of --iters CUDA-synchronised runs after warm-up).
+FP16 and each method's fake-quant twin (median of --iters CUDA-synchronised runs after warm-up),
+each both eager and replayed as a CUDA graph (--cuda-graph; `qdrift.models.cuda_graph`), which
+removes the Python launch overhead that makes the eager fake-quant step host-bound.
 Calibration feeds random latents straight to the denoiser (at --calib-latent to keep MixDQ's
 per-layer sensitivity sweep short): only speed is measured here, not quality.
 """
@@ -23,6 +25,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 from omegaconf import OmegaConf
 
+from qdrift.models.cuda_graph import eager_forward, use_cuda_graphs
 from qdrift.quant import QuantSpec, dequantize, quantize
 from qdrift.quant.calib import replay_calibrator
 
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=int, default=None, help="SVDQuant per-layer token sample (1024; tiny 128)")
     p.add_argument("--lowrank-iters", type=int, default=3, help="SVDQuant low-rank refinement iterations")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step per variant")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time each variant replayed as a CUDA graph (GPU only)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -123,6 +128,23 @@ def time_forward(model, inputs: dict, args, device) -> dict:
     return dict(step_ms=rounds[-1], first_round_ms=rounds[0], peak_gib=peak, out=out.float())
 
 
+def time_variant(model, inputs: dict, args, device) -> dict:
+    """Eager timing, plus the same step replayed as a CUDA graph (its output must match eager)."""
+    r = time_forward(model, inputs, args, device)
+    if args.cuda_graph and device.type == "cuda":
+        use_cuda_graphs(model)
+        g = time_forward(model, inputs, with_changes(args, profile=False), device)
+        eager_forward(model)
+        r.update(graph_ms=g["step_ms"], graph_peak_gib=g["peak_gib"],
+                 graph_max_abs_diff=(g["out"] - r["out"]).abs().max().item())
+        torch.cuda.empty_cache()
+    return r
+
+
+def with_changes(ns: argparse.Namespace, **changes) -> argparse.Namespace:
+    return argparse.Namespace(**{**vars(ns), **changes})
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -139,10 +161,14 @@ def main(argv=None) -> dict:
     calls = [((), denoiser_inputs(cfg, 2, calib_latent, text_len, device, dtype, gen)) for _ in range(args.calib_calls)]
     calibrate = replay_calibrator(model, calls)
 
-    fp = time_forward(model, inputs, args, device)
+    fp = time_variant(model, inputs, args, device)
+    graph_cols = ("graph_ms", "graph_peak_gib", "graph_max_abs_diff")
     rows = [dict(variant="fp16" if dtype == torch.float16 else "fp32", step_ms=fp["step_ms"],
                  first_round_ms=fp["first_round_ms"], peak_gib=fp["peak_gib"],
-                 ratio=1.0, rel_err=0.0, quantize_s=0.0)]
+                 ratio=1.0, rel_err=0.0, quantize_s=0.0, **{k: fp[k] for k in graph_cols if k in fp})]
+    if "graph_ms" in fp:
+        rows[0]["graph_ratio"] = 1.0
+        print(f"fp: {fp['step_ms']:.1f} ms eager, {fp['graph_ms']:.1f} ms CUDA graph", flush=True)
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{n_params / 1e6:.0f}M parameters, latents {latent}x{latent}, batch 2, text {text_len}", flush=True)
     for option in args.methods:
@@ -152,24 +178,29 @@ def main(argv=None) -> dict:
         report = quantize(model, spec, "pixart", calibrate, progress=not args.tiny)
         sync(device)
         q_s = time.perf_counter() - t
-        r = time_forward(model, inputs, args, device)
+        r = time_variant(model, inputs, args, device)
         err = ((r["out"] - fp["out"]).pow(2).sum() / fp["out"].pow(2).sum()).item()
         rows.append(dict(variant=option, step_ms=r["step_ms"], first_round_ms=r["first_round_ms"], peak_gib=r["peak_gib"],
                          ratio=r["step_ms"] / fp["step_ms"],
                          rel_err=err, quantize_s=q_s, avg_w_bits=report.avg_w_bits, avg_a_bits=report.avg_a_bits,
-                         packed_mb=report.packed_mb))
-        print(f"{option}: {r['step_ms']:.1f} ms ({rows[-1]['ratio']:.2f}x; first round {r['first_round_ms']:.1f} ms), "
-              f"quantized in {q_s:.0f}s", flush=True)
+                         packed_mb=report.packed_mb, **{k: r[k] for k in graph_cols if k in r}))
+        if "graph_ms" in r:
+            rows[-1]["graph_ratio"] = r["graph_ms"] / fp["graph_ms"]
+        graphed = f"; CUDA graph {r['graph_ms']:.1f} ms ({rows[-1]['graph_ratio']:.2f}x)" if "graph_ms" in r else ""
+        print(f"{option}: {r['step_ms']:.1f} ms ({rows[-1]['ratio']:.2f}x; first round {r['first_round_ms']:.1f} ms"
+              f"{graphed}), quantized in {q_s:.0f}s", flush=True)
         dequantize(model)
         del r
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print("\n| variant | step (ms) | x FP | peak GPU mem (GiB) | rel. output error | quantize (s) |")
-    print("|---|---|---|---|---|---|")
+    print("\n| variant | eager step (ms) | x FP | CUDA-graph step (ms) | x FP (graph) | peak GPU mem (GiB) "
+          "| rel. output error | quantize (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | {r['peak_gib']:.2f} | {r['rel_err']:.2e} "
-              f"| {r['quantize_s']:.0f} |")
+        graph = f"{r['graph_ms']:.1f} | {r['graph_ratio']:.2f}" if "graph_ms" in r else "- | -"
+        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['ratio']:.2f} | {graph} | {r['peak_gib']:.2f} "
+              f"| {r['rel_err']:.2e} | {r['quantize_s']:.0f} |")
     result = dict(device=str(device), gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                   torch=torch.__version__, params=n_params, latent=latent, batch=2, text_len=text_len,
                   dtype=str(dtype), iters=args.iters, rows=rows, args={k: str(v) for k, v in vars(args).items()})

@@ -8,7 +8,9 @@ The table is a sweep of ordinary runs; on a GPU, for example:
     python run.py -m model=bench_flow sampler=flow_euler,dpmpp quant=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8 \
         corrector=all eval.num_prompts=2000 device=cuda batch_size=250 logger=none
     python experiments/bench_table.py outputs/multirun > bench_table.md
+    python experiments/bench_table.py --deltas outputs/multirun     # one row per setting (README)
 
+(`experiments/bench_table_sweep.sh` runs those sweeps spread over the visible GPUs.)
 Every run found under the given folders is listed, including settings where a corrector does not help.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3", "CLIP",
            "FID delta vs quant [95% CI]")
+CORRECTOR_ORDER = ("qdrift", "qdrift_exact", "ptqd", "d2dpm")
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -44,8 +47,21 @@ def rows(metrics_file: Path) -> list[list[str]]:
     return out
 
 
-def markdown(all_rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def delta_rows(metrics_file: Path, correctors: list[str]) -> list[str]:
+    """One row per setting: FID of FP and quantized, then each corrector's FID delta [95% CI]."""
+    result = json.loads(metrics_file.read_text())
+    cfg, v = result["config"], result["variants"]
+    out = [f"{cfg['model']['name']} / {cfg['sampler']['name']}, {cfg['sampler']['steps']}", cfg["quant"]["name"],
+           f"{v['fp']['fid']:.4f} / {v['quant']['fid']:.4f}"]
+    for c in correctors:
+        m = v.get(c, {})
+        out.append(f"{m['fid_delta_vs_quant']:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]"
+                   if "fid_delta_vs_quant" in m else "-")
+    return out
+
+
+def markdown(all_rows: list[list[str]], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in all_rows]
     return "\n".join(lines)
 
@@ -53,12 +69,20 @@ def markdown(all_rows: list[list[str]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", type=Path, help="run directories or folders holding them (searched recursively)")
+    p.add_argument("--deltas", action="store_true",
+                   help="one row per setting: FID fp / quant and each corrector's FID delta vs quant [95%% CI]")
     args = p.parse_args(argv)
     files = sorted({f for root in args.roots for f in ([root / "metrics.json"] if (root / "metrics.json").is_file()
                                                        else root.rglob("metrics.json"))})
     if not files:
         print(f"error: no metrics.json under {', '.join(map(str, args.roots))}", file=sys.stderr)
         return 2
+    if args.deltas:
+        found = {c for f in files for c in json.loads(f.read_text())["variants"]} - {"fp", "quant"}
+        correctors = [c for c in CORRECTOR_ORDER if c in found] + sorted(found - set(CORRECTOR_ORDER))
+        table = sorted((delta_rows(f, correctors) for f in files), key=lambda r: r[:2])
+        print(markdown(table, ["model / sampler, steps", "quant", "FID fp / quant", *correctors]))
+        return 0
     all_rows = [r for f in files for r in rows(f)]
     all_rows.sort(key=lambda r: tuple(r[:4]))      # stable: variants keep their run order
     print(markdown(all_rows))

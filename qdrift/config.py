@@ -64,7 +64,11 @@ def validate(cfg) -> None:
     _validate_correctors(cfg.corrector)
     _validate_eval(cfg)
     _validate_logger(cfg.logger)
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    graphs = cfg.get("cuda_graph", False)
+    _require(isinstance(graphs, bool), f"cuda_graph must be true or false, got {graphs!r}")
+    _require(not graphs or device.type == "cuda",
+             f"cuda_graph=true replays the denoiser as CUDA graphs and needs a GPU (device resolves to {device})")
 
 
 def _validate_quant(q) -> None:

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from .cache import atomic_write_json, plain
 from .config import check_writable, resolve_device, validate
 from .prompts import prompt_set
+from .models.cuda_graph import CudaGraphForward, use_cuda_graphs
+from .quant import fake_quant_layers
 from .stages.build import build
 from .stages.calibrate import calibrate_stage
 from .stages.context import RunContext
@@ -43,6 +45,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             build(ctx)
         with ctx.stage("quantize"):
             quant_report = quantize_stage(ctx)
+        if cfg.get("cuda_graph", False):   # after quantization: its calibration hooks must see eager calls
+            graph_denoiser(ctx.denoiser)
         pool = None
         if cfg.corrector:
             with ctx.stage("calibrate"):
@@ -59,3 +63,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         return result
     finally:
         tracker.finish(failed=failed)   # always, so one crash does not break a sweep's next run
+
+
+def graph_denoiser(denoiser) -> CudaGraphForward:
+    """Route denoiser calls through CUDA graphs, one set per quantization state (FP / quantized)."""
+    layers = [m for _, m in fake_quant_layers(denoiser)]
+    return use_cuda_graphs(denoiser, state_key=lambda: tuple(m.quant_on for m in layers))

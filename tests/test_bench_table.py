@@ -37,3 +37,13 @@ def test_collects_every_run_with_fp_and_quant_first(tmp_path, capsys):
 def test_no_runs_is_an_error(tmp_path, capsys):
     assert bench_table.main([str(tmp_path)]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_deltas_view_has_one_row_per_setting(tmp_path, capsys):
+    _run(tmp_path / "sweep" / "0_a", "bench_unet", +0.02)
+    _run(tmp_path / "sweep" / "1_b", "bench_dit", -0.017)
+    assert bench_table.main(["--deltas", str(tmp_path / "sweep")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| model / sampler, steps | quant | FID fp / quant | qdrift |"
+    assert lines[2] == "| bench_dit / dpmpp, 20 | svdquant_w3a4 | 0.0900 / 0.2000 | -0.0170 [-0.0270, -0.0070] |"
+    assert lines[3].startswith("| bench_unet / dpmpp, 20 |") and lines[3].endswith("+0.0200 [+0.0100, +0.0300] |")

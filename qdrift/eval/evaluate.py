@@ -58,17 +58,18 @@ def _per_image(
     clip_scorer: ClipScorer | None,
     lpips_net: nn.Module | None,
     batch_size: int,
+    device: torch.device,
 ) -> dict[str, Tensor]:
-    """CLIP scores and paired-vs-FP metrics per image, streaming the images in batches."""
+    """CLIP scores and paired-vs-FP metrics per image, streaming the images in batches (metrics on `device`)."""
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, len(prompts), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompts))))
-        images = load_images(directory, idx)
+        images = load_images(directory, idx).to(device)
         if clip_scorer is not None:
             parts.setdefault("clip_score", []).append(clip_scorer(images, [prompts[i] for i in idx]))
         if fp_dir is not None:
-            for key, values in paired_metrics(images, load_images(fp_dir, idx), lpips_net).items():
-                parts.setdefault(key, []).append(values)
+            for key, values in paired_metrics(images, load_images(fp_dir, idx).to(device), lpips_net).items():
+                parts.setdefault(key, []).append(values.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
 
 
@@ -115,7 +116,8 @@ def evaluate_variants(
             m["kid_mean"], m["kid_std"] = kid(feats[name], ref, kid_subset_size, kid_num_subsets, seed)
         if name != fp:
             m["fid_vs_fp"] = frechet_distance(feats[name], feats[fp])
-        per_image = _per_image(d, dirs[fp] if name != fp else None, prompts, clip_scorer, lpips_net, batch_size)
+        per_image = _per_image(d, dirs[fp] if name != fp else None, prompts, clip_scorer, lpips_net, batch_size,
+                               torch.device(device))
         if "clip_score" in per_image:
             ci = bootstrap_mean_ci(per_image["clip_score"], num_resamples, seed)
             m["clip_score"], m["clip_score_ci_low"], m["clip_score_ci_high"] = ci["mean"], ci["ci_low"], ci["ci_high"]

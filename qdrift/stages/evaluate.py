@@ -65,5 +65,5 @@ def evaluate_stage(ctx, dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
         dirs, ctx.prompts, reference_dir(ctx), feature_extractor(ctx), clip_scorer(ctx),
         fp="fp", baseline="quant", num_resamples=int(e.num_resamples), seed=int(ctx.cfg.seed),
         kid_subset_size=min(int(e.kid_subset_size), len(ctx.prompts)), lpips_weights=e.get("lpips_weights"),
-        device=ctx.device,
+        batch_size=max(16, int(ctx.cfg.batch_size)), device=ctx.device,
     )

@@ -35,7 +35,8 @@ def quantize_stage(ctx) -> dict | None:
         """Run the FP pipeline (its own trajectory) on the first `num_prompts` calibration prompts."""
         images = []
         bs = int(cfg.batch_size)
-        for start in tqdm(range(0, num_prompts, bs), desc="PTQ calibration", leave=False):
+        # One bar for multi-batch calls; MixDQ's hundreds of one-batch sensitivity runs have their own.
+        for start in tqdm(range(0, num_prompts, bs), desc="PTQ calibration", leave=False, disable=num_prompts <= bs):
             idx = range(start, min(start + bs, num_prompts))
             images.append(call_pipeline(ctx, [prompts[i] for i in idx], [seed0 + i for i in idx], ctx.base_scheduler))
         return torch.cat(images)
