@@ -13,8 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cache import atomic_write_json, plain
 from .config import check_writable, resolve_device, validate
-from .prompts import prompt_set
 from .models.cuda_graph import CudaGraphForward, use_cuda_graphs
+from .prompts import prompt_set
 from .quant import fake_quant_layers
 from .stages.build import build
 from .stages.calibrate import calibrate_stage

@@ -65,7 +65,6 @@ class CudaGraphForward:
 
     def __init__(self, module: nn.Module, state_key: Callable[[], Hashable] = lambda: None,
                  max_graphs: int = 16, warmup: int = 2) -> None:
-        self.module = module
         self.eager = module.forward
         self.state_key = state_key
         self.max_graphs = max_graphs
@@ -78,7 +77,8 @@ class CudaGraphForward:
         sig = signature(args, kwargs)
         if sig is None or torch.is_grad_enabled():
             return self.eager(*args, **kwargs)
-        key = (sig, self.state_key())
+        # Tensors made under inference mode cannot be written outside it: that is part of the key too.
+        key = (sig, torch.is_inference_mode_enabled(), self.state_key())
         if key not in self.graphs:
             self.graphs[key] = self._capture(args, kwargs)
         graph = self.graphs[key]
