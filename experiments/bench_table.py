@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3", "CLIP",
-           "FID delta vs quant [95% CI]")
+COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3 (± std)",
+           "CLIP [95% CI]", "FID delta vs quant [95% CI]")
 CORRECTOR_ORDER = ("qdrift", "qdrift_exact", "ptqd", "d2dpm")
 
 
@@ -41,9 +41,13 @@ def rows(metrics_file: Path) -> list[list[str]]:
         delta = "-"
         if "fid_delta_vs_quant" in m:
             delta = f"{m['fid_delta_vs_quant']:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]"
-        kid = m.get("kid_mean")
-        out.append(setting + [variant, _num(m.get("fid"), ".4f"), _num(None if kid is None else 1e3 * kid, ".3f"),
-                              _num(m.get("clip_score"), ".2f"), delta])
+        kid = _num(1e3 * m["kid_mean"] if "kid_mean" in m else None, ".3f")
+        if "kid_std" in m:
+            kid += f" ± {1e3 * m['kid_std']:.3f}"
+        clip = _num(m.get("clip_score"), ".2f")
+        if "clip_score_ci_low" in m:
+            clip += f" [{m['clip_score_ci_low']:.2f}, {m['clip_score_ci_high']:.2f}]"
+        out.append(setting + [variant, _num(m.get("fid"), ".4f"), kid, clip, delta])
     return out
 
 

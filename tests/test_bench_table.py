@@ -14,7 +14,8 @@ def _run(path: Path, model: str, delta: float) -> None:
     config = {"model": {"name": model}, "sampler": {"name": "dpmpp", "steps": 20},
               "quant": {"name": "svdquant_w3a4"}, "calib": {"num_runs": 5}}
     variants = {  # written with sorted keys, like the runner's metrics.json
-        "fp": {"fid": 0.09, "kid_mean": 8e-4, "clip_score": 66.0},
+        "fp": {"fid": 0.09, "kid_mean": 8e-4, "kid_std": 4e-4, "clip_score": 66.0, "clip_score_ci_low": 65.0,
+               "clip_score_ci_high": 67.0},
         "qdrift": {"fid": 0.18, "kid_mean": 2e-3, "clip_score": 60.0, "fid_delta_vs_quant": delta,
                    "fid_delta_ci_low": delta - 0.01, "fid_delta_ci_high": delta + 0.01},
         "quant": {"fid": 0.2, "kid_mean": 2.5e-3, "clip_score": 59.0},
@@ -32,6 +33,8 @@ def test_collects_every_run_with_fp_and_quant_first(tmp_path, capsys):
     assert [line.split(" | ")[6] for line in lines[2:]] == ["fp", "quant", "qdrift"] * 2
     assert lines[2].startswith("| bench_dit | dpmpp | 20 | svdquant_w3a4 | 5 | 300 |")
     assert "-0.0170 [-0.0270, -0.0070]" in lines[4] and "+0.0200 [+0.0100, +0.0300]" in lines[7]
+    assert "| 0.0900 | 0.800 ± 0.400 | 66.00 [65.00, 67.00] | - |" in lines[2]   # KID std and CLIP CI
+    assert "| 0.2000 | 2.500 | 59.00 | - |" in lines[3]                          # shown only where measured
 
 
 def test_no_runs_is_an_error(tmp_path, capsys):
