@@ -29,6 +29,13 @@ def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _delta(m: dict) -> str:
+    """FID delta vs quant [95% CI], or '-' for variants without one (fp, quant)."""
+    if "fid_delta_vs_quant" not in m:
+        return "-"
+    return f"{m['fid_delta_vs_quant']:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]"
+
+
 def rows(metrics_file: Path) -> list[list[str]]:
     result = json.loads(metrics_file.read_text())
     cfg = result["config"]
@@ -38,16 +45,13 @@ def rows(metrics_file: Path) -> list[list[str]]:
     order = sorted(result["variants"], key=lambda v: (v != "fp", v != "quant", v))   # fp, quant, then correctors
     for variant in order:
         m = result["variants"][variant]
-        delta = "-"
-        if "fid_delta_vs_quant" in m:
-            delta = f"{m['fid_delta_vs_quant']:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]"
         kid = _num(1e3 * m["kid_mean"] if "kid_mean" in m else None, ".3f")
         if "kid_std" in m:
             kid += f" ± {1e3 * m['kid_std']:.3f}"
         clip = _num(m.get("clip_score"), ".2f")
         if "clip_score_ci_low" in m:
             clip += f" [{m['clip_score_ci_low']:.2f}, {m['clip_score_ci_high']:.2f}]"
-        out.append(setting + [variant, _num(m.get("fid"), ".4f"), kid, clip, delta])
+        out.append(setting + [variant, _num(m.get("fid"), ".4f"), kid, clip, _delta(m)])
     return out
 
 
@@ -57,11 +61,7 @@ def delta_rows(metrics_file: Path, correctors: list[str]) -> list[str]:
     cfg, v = result["config"], result["variants"]
     out = [f"{cfg['model']['name']} / {cfg['sampler']['name']}, {cfg['sampler']['steps']}", cfg["quant"]["name"],
            f"{v['fp']['fid']:.4f} / {v['quant']['fid']:.4f}"]
-    for c in correctors:
-        m = v.get(c, {})
-        out.append(f"{m['fid_delta_vs_quant']:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]"
-                   if "fid_delta_vs_quant" in m else "-")
-    return out
+    return out + [_delta(v.get(c, {})) for c in correctors]
 
 
 def markdown(all_rows: list[list[str]], columns=COLUMNS) -> str:
