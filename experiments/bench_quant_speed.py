@@ -104,7 +104,7 @@ def profile_step(model, inputs: dict, device) -> None:
 
 
 @torch.no_grad()
-def time_forward(model, inputs: dict, args, device) -> dict:
+def time_forward(model, inputs: dict, args, device, profile: bool = False) -> dict:
     """Median step time of a second timing round after warm-up; the first round is reported too, so
     drift within a run (late JIT compilation, allocator growth, clocks) shows up in the results."""
     for _ in range(args.warmup):
@@ -123,26 +123,22 @@ def time_forward(model, inputs: dict, args, device) -> dict:
             times.append(time.perf_counter() - t)
         rounds.append(1000 * statistics.median(times))
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    if args.profile:
+    if profile:
         profile_step(model, inputs, device)
     return dict(step_ms=rounds[-1], first_round_ms=rounds[0], peak_gib=peak, out=out.float())
 
 
 def time_variant(model, inputs: dict, args, device) -> dict:
     """Eager timing, plus the same step replayed as a CUDA graph (its output must match eager)."""
-    r = time_forward(model, inputs, args, device)
+    r = time_forward(model, inputs, args, device, profile=args.profile)
     if args.cuda_graph and device.type == "cuda":
         use_cuda_graphs(model)
-        g = time_forward(model, inputs, with_changes(args, profile=False), device)
+        g = time_forward(model, inputs, args, device)   # the profile is of the eager step
         eager_forward(model)
         r.update(graph_ms=g["step_ms"], graph_peak_gib=g["peak_gib"],
                  graph_max_abs_diff=(g["out"] - r["out"]).abs().max().item())
         torch.cuda.empty_cache()
     return r
-
-
-def with_changes(ns: argparse.Namespace, **changes) -> argparse.Namespace:
-    return argparse.Namespace(**{**vars(ns), **changes})
 
 
 def main(argv=None) -> dict:
