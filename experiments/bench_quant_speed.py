@@ -91,7 +91,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def profile_step(model, inputs: dict, device) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -103,7 +103,7 @@ def profile_step(model, inputs: dict, device) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50), flush=True)
 
 
-@torch.no_grad()
+@torch.inference_mode()   # as in a run (sampling.py); no_grad adds autograd bookkeeping per op
 def time_forward(model, inputs: dict, args, device, profile: bool = False) -> dict:
     """Median step time of a second timing round after warm-up; the first round is reported too, so
     drift within a run (late JIT compilation, allocator growth, clocks) shows up in the results."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qdrift import runner
 from qdrift.config import ConfigError, validate
 from qdrift.models.cuda_graph import eager_forward, signature, use_cuda_graphs
 from qdrift.models.tiny import tiny_pixart
@@ -71,3 +72,26 @@ def test_graphed_quantized_denoiser_matches_eager_per_quant_state():
     assert not torch.equal(eager[True][0], eager[False][0])
     eager_forward(model)
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device machine)")
+def test_graphed_run_writes_the_eager_runs_images(run_tiny, tmp_path, monkeypatch):
+    installed = []
+
+    def recording(denoiser):
+        installed.append(graph_denoiser(denoiser))
+        return installed[-1]
+
+    monkeypatch.setattr(runner, "graph_denoiser", recording)
+    overrides = ["device=cuda", "quant=svdquant_w4a4", "++quant.calib_prompts=2", "corrector=all"]
+    eager, eager_dir = run_tiny(overrides, cache=tmp_path / "cache_eager")
+    assert installed == []
+    graphed, graphed_dir = run_tiny([*overrides, "cuda_graph=true"], cache=tmp_path / "cache_graph")
+    assert len(installed) == 1 and installed[0].replays > installed[0].captures > 0
+    assert set(graphed["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact", "ptqd", "d2dpm"}
+    for variant in graphed["variants"]:
+        pngs = sorted((eager_dir / "images" / variant).glob("*.png"))
+        assert len(pngs) == 4
+        for png in pngs:
+            assert (graphed_dir / "images" / variant / png.name).read_bytes() == png.read_bytes(), (variant, png)
+    assert graphed["variants"] == eager["variants"]

@@ -22,9 +22,14 @@ CHECK = textwrap.dedent("""
     cases = [(QuantizerSpec(4), 0.0, None), (QuantizerSpec(3), 0.0, None), (QuantizerSpec(4), 0.171875, None),
              (QuantizerSpec(4, "nvfp4", "group", 16), 0.0, None),
              (QuantizerSpec(4, "nvfp4", "group", 16), 0.0, torch.tensor(40.0))]
-    for spec, shift, hi in cases:
-        xs, xq = tk.group_fake_quant(x, spec, shift, smooth, True, hi)
-        ref_xs = (x + shift) * smooth
+    narrow = torch.randn(40, 48) * 3   # 48 columns: 16-wide groups, one per program instead of four
+    cases += [(QuantizerSpec(4, "nvfp4", "group", 16), 0.0, None, narrow),
+              (QuantizerSpec(4, group_size=16), 0.0, None, narrow)]
+    for spec, shift, hi, *inp in cases:
+        xin = inp[0] if inp else x
+        sm = smooth[: xin.shape[1]]
+        xs, xq = tk.group_fake_quant(xin, spec, shift, sm, True, hi)
+        ref_xs = (xin + shift) * sm
         assert torch.equal(xs, ref_xs), spec
         assert torch.equal(xq, fake_quant_act(ref_xs, spec, shift > 0, hi=hi)), (spec, shift)
     spec = QuantizerSpec(8, "int", "tensor", symmetric=False, dynamic=False)

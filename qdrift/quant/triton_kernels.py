@@ -20,7 +20,8 @@ try:
 except ImportError:  # CPU-only installs: the reference path is used
     triton = None
 
-_BLOCK_M = 32       # rows (tokens) per program; one quantization group of columns per program
+_BLOCK_M = 32       # rows (tokens) per program
+_MIN_COLS = 128     # columns per program, at least: 16-wide NVFP4 groups alone would read 32-byte row pieces
 _BLOCK_FLAT = 2048  # elements per program of the per-tensor kernel
 
 if triton is not None:
@@ -51,9 +52,9 @@ if triton is not None:
     def _group_kernel(x_ptr, smooth_ptr, xs_ptr, xq_ptr, ts_ptr, M, C, shift,
                       HAS_SMOOTH: tl.constexpr, WRITE_XS: tl.constexpr, NVFP4: tl.constexpr,
                       UNSIGNED: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                      G: tl.constexpr, BLOCK_M: tl.constexpr):
+                      G: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
         rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * G + tl.arange(0, G)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         mask = rows[:, None] < M
         offs = rows[:, None] * C + cols[None, :]
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -63,7 +64,8 @@ if triton is not None:
         xs = xs.to(x.dtype)                       # X' is a tensor of the compute dtype
         if WRITE_XS:
             tl.store(xs_ptr + offs, xs, mask=mask)
-        xs = xs.to(tl.float32)
+        # One row per quantization group: a row-major tile's rows split into BLOCK_C // G groups each.
+        xs = tl.reshape(xs.to(tl.float32), (BLOCK_M * (BLOCK_C // G), G))
         if NVFP4:
             ts = tl.maximum(tl.load(ts_ptr).to(tl.float32) / 2688.0, 1e-12)   # calibrated max|X'| / (6 * 448)
             s = _round_e4m3(tl.max(tl.abs(xs), axis=1) / 6.0 / ts)
@@ -77,7 +79,7 @@ if triton is not None:
             s = amax / QMAX
             s = tl.where(s > 0, s, 1.0)[:, None]
             q = tl.minimum(tl.maximum(_rint(xs / s), QMIN), QMAX) * s
-        tl.store(xq_ptr + offs, q.to(x.dtype), mask=mask)
+        tl.store(xq_ptr + offs, tl.reshape(q, (BLOCK_M, BLOCK_C)).to(x.dtype), mask=mask)
 
     @triton.jit
     def _tensor_kernel(x_ptr, xq_ptr, lo_ptr, hi_ptr, N, QMAX: tl.constexpr, BLOCK: tl.constexpr):
@@ -118,11 +120,13 @@ def group_fake_quant(x: torch.Tensor, spec: QuantizerSpec, shift: float, smooth:
         ts = xq  # unused
         unsigned = shift > 0
         qmin, qmax = (0, 2**spec.bits - 1) if unsigned else (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1)
-    grid = (triton.cdiv(m, _BLOCK_M), c // spec.group_size)
+    g = spec.group_size
+    block_c = max(g, _MIN_COLS) if c % max(g, _MIN_COLS) == 0 else g
+    grid = (triton.cdiv(m, _BLOCK_M), c // block_c)
     _group_kernel[grid](
         x, smooth if smooth is not None else x, xs, xq, ts, m, c, float(shift),
         HAS_SMOOTH=smooth is not None, WRITE_XS=need_xs, NVFP4=spec.fmt == "nvfp4", UNSIGNED=shift > 0,
-        QMIN=qmin, QMAX=qmax, G=spec.group_size, BLOCK_M=_BLOCK_M,
+        QMIN=qmin, QMAX=qmax, G=g, BLOCK_M=_BLOCK_M, BLOCK_C=block_c,
     )
     return (xs if need_xs else None), xq
 
