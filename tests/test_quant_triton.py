@@ -19,14 +19,12 @@ CHECK = textwrap.dedent("""
     torch.manual_seed(0)
     x = torch.randn(40, 128) * torch.rand(128) * 5
     smooth = torch.rand(128) + 0.5
-    cases = [(QuantizerSpec(4), 0.0, None), (QuantizerSpec(3), 0.0, None), (QuantizerSpec(4), 0.171875, None),
-             (QuantizerSpec(4, "nvfp4", "group", 16), 0.0, None),
-             (QuantizerSpec(4, "nvfp4", "group", 16), 0.0, torch.tensor(40.0))]
-    narrow = torch.randn(40, 48) * 3   # 48 columns: 16-wide groups, one per program instead of four
-    cases += [(QuantizerSpec(4, "nvfp4", "group", 16), 0.0, None, narrow),
-              (QuantizerSpec(4, group_size=16), 0.0, None, narrow)]
-    for spec, shift, hi, *inp in cases:
-        xin = inp[0] if inp else x
+    narrow = torch.randn(40, 48) * 3   # 48 columns, not a multiple of 128: one group per program
+    nvfp4 = QuantizerSpec(4, "nvfp4", "group", 16)
+    cases = [(QuantizerSpec(4), 0.0, None, x), (QuantizerSpec(3), 0.0, None, x), (QuantizerSpec(4), 0.171875, None, x),
+             (nvfp4, 0.0, None, x), (nvfp4, 0.0, torch.tensor(40.0), x),
+             (nvfp4, 0.0, None, narrow), (QuantizerSpec(4, group_size=16), 0.0, None, narrow)]
+    for spec, shift, hi, xin in cases:
         sm = smooth[: xin.shape[1]]
         xs, xq = tk.group_fake_quant(xin, spec, shift, sm, True, hi)
         ref_xs = (xin + shift) * sm
