@@ -185,6 +185,26 @@ def test_interrupted_stage_resumes_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("bad", ["loss", "grads"])
+def test_divergence_stops_the_stage_with_a_clear_error(tmp_path, bad):
+    run, net = _stage(tmp_path / "c.pt")
+    fit = _loss(net)
+
+    def diverging(gen):
+        loss = fit(gen)
+        if run.step < 3:
+            return loss
+        if bad == "loss":
+            return loss * float("nan")
+        w = net[0].weight
+        return loss + (w - w.detach()).abs().sqrt().sum()   # value +0, gradient of sqrt at 0: inf
+
+    with pytest.raises(FloatingPointError, match=("loss is nan" if bad == "loss" else "gradients are not finite")
+                       + " at step 4: training diverged"):
+        run.run(diverging, _Budget(100), reserve_s=0)
+    assert not (tmp_path / "c.pt").exists()
+
+
 def test_eval_clip_loads_and_scores(tiny):
     clip = load_eval_clip(weights_dir=tiny[1])
     model, tokenize_fn, size, mean, std = clip

@@ -93,6 +93,8 @@ class StageRun:
         amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.plan.bf16) if cuda \
             else torch.autocast("cpu", enabled=False)
         loss_sum, n_sum = torch.zeros((), device=self.device), 0
+        # A finite loss with non-finite gradients (e.g. a bf16 overflow in backward) leaves NaN weights.
+        nonfinite_grads = torch.zeros((), dtype=torch.bool, device=self.device)
         last_log = last_ckpt = time.monotonic()
         steps_at_log = self.step
         while not self.finished():
@@ -108,7 +110,7 @@ class StageRun:
                 loss = loss_fn(self.gen)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, self.plan.grad_clip)
+            nonfinite_grads |= ~torch.isfinite(torch.nn.utils.clip_grad_norm_(self.params, self.plan.grad_clip))
             self.opt.step()
             self.ema.update(self.params, self.step)
             self.step += 1
@@ -116,9 +118,10 @@ class StageRun:
             n_sum += 1
             self.elapsed += time.monotonic() - t0
             if self.step % self.plan.log_every == 0 or self.finished():
-                mean = (loss_sum / n_sum).item()                  # the only host sync per interval
-                if not math.isfinite(mean):
-                    raise FloatingPointError(f"[{self.name}] loss is {mean} at step {self.step}: training diverged "
+                mean = (loss_sum / n_sum).item()                  # host syncs: once per interval
+                if not math.isfinite(mean) or nonfinite_grads.item():
+                    what = f"loss is {mean}" if not math.isfinite(mean) else "gradients are not finite"
+                    raise FloatingPointError(f"[{self.name}] {what} at step {self.step}: training diverged "
                                              f"(nothing exported; see the stage's plan in train_bench.py)")
                 now = time.monotonic()
                 rate = (self.step - steps_at_log) / max(now - last_log, 1e-9)
