@@ -56,7 +56,7 @@ PLANS = {
         "flow": StagePlan(minutes=3.0, max_steps=10**9, batch_size=512, lr=5e-4, warmup=500, bf16=False),
     },
     "tiny": {s: StagePlan(minutes=1.0, max_steps=3, batch_size=8, lr=1e-3, warmup=1, log_every=1, bf16=s != "flow")
-             for s in ("vae", "clip", "dit", "unet", "flow")},   # flow fp32 too: bf16 grads are inf by step 2 (H200)
+             for s in ("vae", "clip", "dit", "unet", "flow")},   # flow fp32 too: bf16 grads not finite at step 2 (H200)
 }
 DATA = {
     "full": dict(images=150_000, negatives=3, report_prompts=200, retrieval_pairs=500, report_steps=None),
