@@ -104,6 +104,11 @@ def supports(x: torch.Tensor, spec: QuantizerSpec) -> bool:
     return spec.granularity == "group" and g & (g - 1) == 0 and x.shape[-1] % g == 0
 
 
+def columns_per_program(c: int, g: int) -> int:
+    """Whole groups per program, at least _MIN_COLS columns where they divide the width; else one group."""
+    return max(g, _MIN_COLS) if c % max(g, _MIN_COLS) == 0 else g
+
+
 def group_fake_quant(x: torch.Tensor, spec: QuantizerSpec, shift: float, smooth: torch.Tensor | None,
                      need_xs: bool, hi: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(X', Q(X')) with X' = (X + shift) * smooth, per-token groups; X' is None unless `need_xs`.
@@ -121,7 +126,7 @@ def group_fake_quant(x: torch.Tensor, spec: QuantizerSpec, shift: float, smooth:
         unsigned = shift > 0
         qmin, qmax = (0, 2**spec.bits - 1) if unsigned else (-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1)
     g = spec.group_size
-    block_c = max(g, _MIN_COLS) if c % max(g, _MIN_COLS) == 0 else g
+    block_c = columns_per_program(c, g)
     grid = (triton.cdiv(m, _BLOCK_M), c // block_c)
     _group_kernel[grid](
         x, smooth if smooth is not None else x, xs, xq, ts, m, c, float(shift),
