@@ -118,7 +118,7 @@ class StageRun:
             n_sum += 1
             self.elapsed += time.monotonic() - t0
             if self.step % self.plan.log_every == 0 or self.finished():
-                mean = (loss_sum / n_sum).item()                  # host syncs: once per interval
+                mean = (loss_sum / n_sum).item()                  # host syncs only at log intervals
                 if not math.isfinite(mean) or nonfinite_grads.item():
                     what = f"loss is {mean}" if not math.isfinite(mean) else "gradients are not finite"
                     raise FloatingPointError(f"[{self.name}] {what} at step {self.step}: training diverged "
