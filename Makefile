@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS   ?=
 
-.PHONY: install run test clean-outputs
+.PHONY: install run test mutation clean-outputs
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)
+
+# Mutation score of the numeric and cache core (README, development notes); not part of CI.
+mutation: install
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,mutation]"
+	$(BIN)/mutmut run --max-children 2 ; $(BIN)/mutmut results > mutmut-results.txt; tail -5 mutmut-results.txt
 
 clean-outputs:
 	rm -rf outputs multirun

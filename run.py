@@ -7,8 +7,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from qdrift.config import ConfigError
-from qdrift.eval import format_table
+from qdrift.config import ConfigError  # also registers the config's resolvers, before Hydra composes
+from qdrift.eval import format_header, format_table
+from qdrift.signals import Terminated, terminate_on_sigterm
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -17,10 +18,16 @@ def main(cfg: DictConfig) -> None:
 
     run_dir = HydraConfig.get().runtime.output_dir
     try:
-        result = runner.run(cfg, run_dir)
+        with terminate_on_sigterm():   # scancel / time limit: the runner's cleanup still runs
+            result = runner.run(cfg, run_dir)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print(f"error: terminated (SIGTERM); {run_dir} keeps what was finished and a rerun resumes from the cache",
+              file=sys.stderr)
+        raise
+    print(format_header(result["config"], result["num_prompts"]))
     print(format_table(result["variants"]))
     print(run_dir)  # the last line is the run directory
 

@@ -1,25 +1,48 @@
-"""Cached stage artifacts: content keys, manifests and atomic writes.
+"""Cached stage artifacts: chained content keys, checksummed manifests, locks, atomic writes.
 
-An artifact lives in `<cache_dir>/<stage>/<key>/`, where the key hashes the config subset the
-stage depends on, and is complete once its `manifest.json` exists (written last, atomically).
-Files inside are written to a temporary name and renamed, so a crash never leaves a half-written
-file that a later run would take as done.
+An artifact lives in `<cache_dir>/<stage>/<key>/`. Its key hashes *every* input it depends on:
+config values, data by content (prompt lists, weight digests), the code version of the algorithm
+that made it, and the keys of the artifacts it reads (keys chain as in a build system, so a change
+anywhere upstream changes every key below it and a stale artifact cannot be found).
+
+An artifact is built once: the builder takes a file lock (other jobs wait, then read; the OS
+releases the lock of a crashed holder), writes into a private staging directory, records a sha256
+of every file in `manifest.json`, and renames the directory into place. So an artifact is never
+half-written or written twice, and every read verifies the checksums: a truncated or altered file
+is reported with its path and the artifact is rebuilt.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
+import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+log = logging.getLogger("qdrift")
+
+CACHE_FORMAT = 2        # bump when the layout of an artifact directory or its manifest changes
+MANIFEST = "manifest.json"
 _PACKAGES = ("torch", "diffusers", "transformers", "qdrift")
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_current_umask()   # what open() would give: group-readable under a usual umask
 
 
 def plain(obj):
@@ -40,7 +63,16 @@ def config_key(*parts, length: int = 16) -> str:
 
 
 def text_hash(texts: list[str]) -> str:
-    return hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    """Content hash of a list of strings (order matters; no two lists share a hash by joining)."""
+    return hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -53,11 +85,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------------------------------ writes
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a unique temporary file beside `path`, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, FILE_MODE)   # mkstemp makes 0600; a shared cache must stay readable by the group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -79,45 +114,129 @@ def atomic_save_image(image, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-class Artifact:
-    """One cached stage output, keyed by the config subset it depends on."""
+def unique_tmp(path: str | Path) -> Path:
+    """A temporary name beside `path` that no other writer uses (for libraries that write by name)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
-    def __init__(self, cache_dir: str | Path, stage: str, config: Mapping, seed: int | None = None):
-        self.config = plain(config)
-        self.key = config_key(stage, self.config)
+
+def copy_file(src: str | Path, dst: str | Path) -> None:
+    """An independent copy (never a link: editing a run's file must not change the cache), atomically."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = unique_tmp(dst)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------ artifacts
+class Artifact:
+    """One cached stage output, keyed by everything it depends on (`inputs`)."""
+
+    def __init__(self, cache_dir: str | Path, stage: str, inputs: Mapping, seed: int | None = None):
+        self.inputs = plain(inputs)
+        self.key = config_key(stage, CACHE_FORMAT, self.inputs)
         self.path = Path(cache_dir) / stage / self.key
         self.stage, self.seed = stage, seed
+        self._verified = False
+
+    def __repr__(self) -> str:
+        return f"Artifact({self.stage}/{self.key})"
 
     @property
     def manifest_path(self) -> Path:
-        return self.path / "manifest.json"
-
-    def done(self) -> bool:
-        return self.manifest_path.is_file()
+        return self.path / MANIFEST
 
     def manifest(self) -> dict:
         return json.loads(self.manifest_path.read_text())
 
     def file(self, name: str) -> Path:
-        self.path.mkdir(parents=True, exist_ok=True)
         return self.path / name
 
-    def finish(self, **extra) -> None:
-        """Mark the artifact complete: write its manifest last."""
-        atomic_write_json(self.manifest_path, {
-            "stage": self.stage, "key": self.key, "config": self.config, "seed": self.seed,
-            "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
-        })
+    def verify(self) -> bool:
+        """True when the artifact is complete and every file matches its recorded checksum.
 
+        A damaged artifact (unreadable manifest, missing, truncated or altered file) is reported
+        with its path and reads as absent, so the caller rebuilds it.
+        """
+        if self._verified:
+            return True
+        if not self.path.exists():
+            return False
+        problem = self._problem()
+        if problem:
+            log.warning("cache: %s is damaged (%s); recomputing it", self.path, problem)
+            return False
+        self._verified = True
+        return True
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Expose a cached file in a run directory: a hard link when possible, else a copy."""
-    import shutil
+    def _problem(self) -> str | None:
+        try:
+            manifest = self.manifest()
+        except FileNotFoundError:
+            return "incomplete: no manifest"
+        except (OSError, ValueError) as err:
+            return f"unreadable manifest: {err}"
+        if not isinstance(manifest, dict) or manifest.get("key") != self.key or not isinstance(manifest.get("files"), dict):
+            return "manifest does not describe this artifact"
+        for name, digest in manifest["files"].items():
+            f = self.path / name
+            if not f.is_file():
+                return f"{name} is missing"
+            if file_sha256(f) != digest:
+                return f"{name} does not match its checksum (truncated or altered)"
+        return None
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists():
-        return
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    def lock(self) -> FileLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.path.parent / f"{self.key}.lock"), mode=FILE_MODE)
+
+    def discard(self) -> None:
+        """Remove the artifact (under its lock): for content that is intact but unusable."""
+        with self.lock():
+            shutil.rmtree(self.path, ignore_errors=True)
+        self._verified = False
+
+    def ensure(self, build: Callable[[Path], Mapping | None]) -> "Artifact":
+        """Build the artifact once if it is absent or damaged; returns self, complete and verified.
+
+        `build(staging_dir)` writes the artifact's files into `staging_dir` and may return extra
+        manifest fields. Jobs that need the same artifact wait on its lock and then read it.
+        """
+        if self.verify():
+            return self
+        lock = self.lock()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.info("cache: waiting for another job building %s/%s", self.stage, self.key)
+            lock.acquire()
+        try:
+            if self.verify():           # another job built it while we waited
+                return self
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            staging = self.path.with_name(f".{self.key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+            staging.mkdir(parents=True)
+            try:
+                log.info("cache: computing %s/%s", self.stage, self.key)
+                extra = build(staging) or {}
+                files = {p.relative_to(staging).as_posix(): file_sha256(p)
+                         for p in sorted(staging.rglob("*")) if p.is_file()}
+                atomic_write_json(staging / MANIFEST, {
+                    "stage": self.stage, "key": self.key, "inputs": self.inputs, "seed": self.seed,
+                    "files": files, "versions": versions(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
+                })
+                staging.rename(self.path)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            self._verified = True
+            return self
+        finally:
+            lock.release()

@@ -1,33 +1,58 @@
-"""Validation of a composed run config: every bad input gets a one-line error before any model loads."""
+"""Validation of a composed run config: every bad input gets a one-line error before any model loads.
+
+`check_config` reads the config alone (types, ranges, combinations that cannot do what they say);
+`qdrift.inputs.check_inputs` looks for the files a run will read (weights, MJHQ, enough prompts);
+`validate` does both. Hydra's callback (qdrift/launch.py) runs it before the run directory exists,
+the runner again before it loads a model (tests and scripts call the runner directly).
+"""
 from __future__ import annotations
 
+import inspect
+import logging
+import math
 import os
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .drift.correctors import CORRECTORS
-from .drift.rules import MODES
+from .drift.rules import MODES, schedule_of
 from .drift.statistics import POOLINGS
 from .models.families import FAMILIES
 from .models.loaders import DTYPES, SOURCES
-from .samplers import check_sampler
+from .samplers import SAMPLERS, check_sampler, make_scheduler
+
+log = logging.getLogger("qdrift")
 
 # For Hydra's sweep subdir (conf/config.yaml): an override value with "/" would nest folders.
 OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "_"), replace=True)
+# Run directories are named to the second; two runs started in the same second need another part.
+# Fixed per process (and cached in the config, which travels to a launcher's jobs with it).
+_RUN_SUFFIX = os.urandom(3).hex()
+OmegaConf.register_new_resolver("run_suffix", lambda: _RUN_SUFFIX, replace=True, use_cache=True)
 
+PREDICTIONS = ("epsilon", "v_prediction", "flow")
+PROMPT_SETS = ("builtin", "bench", "mjhq")
 FEATURES = ("pixels", "clip", "inception")
 CLIPS = ("none", "bench", "openclip")
 REFERENCES = ("none", "rendered", "directory")
+REFERENCE_OF = {"builtin": ("none",), "bench": ("none", "rendered"), "mjhq": ("none", "directory")}
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 EVAL_SEED_SPAN = 10_000_000   # evaluation seeds live in [seed, seed + span)
+MAX_SEED = 2**63 - 1          # torch.Generator.manual_seed
 
 
 class ConfigError(ValueError):
     """A user-facing configuration error (printed as one line, exit code 2)."""
+
+
+def one_line(text) -> str:
+    return " ".join(str(text).split())
 
 
 def _require(cond: bool, message: str) -> None:
@@ -35,40 +60,140 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _positive_int(value, name: str) -> int:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-             f"{name} must be an integer >= 1, got {value!r}")
+# --- typed fields: Hydra parses `seed=abc` as a string, `steps=1.5` as a float -------------------
+def _int(value, name: str, low: int | None = None) -> int:
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    bound = "" if low is None else f" >= {low}"
+    _require(ok and (low is None or value >= low), f"{name} must be an integer{bound}, got {value!r}")
     return value
 
 
-def validate(cfg) -> None:
-    """Check everything that can be checked without loading a model."""
-    m = cfg.model
-    _require(m.family in FAMILIES, f"model.family={m.family!r} is unknown; choose one of {sorted(FAMILIES)}")
-    _require(m.source in SOURCES, f"model.source={m.source!r} is unknown; choose one of {list(SOURCES)}")
-    _require(m.get("dtype", "float32") in DTYPES, f"model.dtype={m.get('dtype')!r}; choose one of {sorted(DTYPES)}")
-    _require(m.prediction in ("epsilon", "v_prediction", "flow"),
-             f"model.prediction={m.prediction!r}; choose epsilon, v_prediction or flow")
+def _positive_int(value, name: str) -> int:
+    return _int(value, name, 1)
+
+
+def _number(value, name: str, low: float | None = None) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    bound = "" if low is None else f" >= {low:g}"
+    _require(ok and (low is None or value >= low), f"{name} must be a number{bound}, got {value!r}")
+    return float(value)
+
+
+def _bool(value, name: str) -> bool:
+    _require(isinstance(value, bool), f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def _choice(value, name: str, choices) -> str:
+    _require(value in choices, f"{name}={value!r} is not an option; choose one of {list(choices)}")
+    return value
+
+
+def _text(value, name: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    _require(isinstance(value, str) and value != "", f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _seed(value, name: str) -> int:
+    _require(_int(value, name, 0) <= MAX_SEED, f"{name} must be < 2**63, got {value!r}")
+    return value
+
+
+def validate(cfg, inputs: bool = True) -> None:
+    """Check everything that can be checked without loading a model (`inputs`: also the files it reads)."""
     try:
-        check_sampler(cfg.sampler.name, m.prediction)
-    except ValueError as err:
-        raise ConfigError(f"sampler: {err}") from None
-    _positive_int(cfg.sampler.steps, "sampler.steps")
-    _require(isinstance(cfg.sampler.guidance, (int, float)) and cfg.sampler.guidance >= 0,
-             f"sampler.guidance must be >= 0, got {cfg.sampler.guidance!r}")
-    _positive_int(m.resolution, "model.resolution")
+        check_config(cfg)
+        if inputs:
+            from .inputs import check_inputs
+
+            check_inputs(cfg)
+    except OmegaConfBaseException as err:   # a missing key or a broken ${...} interpolation
+        raise ConfigError(f"config: {one_line(err)}") from None
+
+
+def check_config(cfg) -> None:
+    """Types, ranges and combinations, from the config alone."""
+    _seed(cfg.seed, "seed")
+    _text(cfg.device, "device")
     _positive_int(cfg.batch_size, "batch_size")
-    _positive_int(cfg.calib.num_runs, "calib.num_runs (K)")
-    _positive_int(cfg.calib.batch_size, "calib.batch_size")
+    graphs = _bool(cfg.get("cuda_graph", False), "cuda_graph")
+    _text(cfg.output_root, "output_root")
+    _text(cfg.cache_dir, "cache_dir")
+    _validate_model(cfg.model)
+    _validate_sampler(cfg)
     _validate_quant(cfg.quant)
+    _validate_calib(cfg.calib)
     _validate_correctors(cfg.corrector)
+    _validate_sampling_with_correctors(cfg)
     _validate_eval(cfg)
+    _validate_seeds(cfg)
     _validate_logger(cfg.logger)
     device = resolve_device(cfg.device)
-    graphs = cfg.get("cuda_graph", False)
-    _require(isinstance(graphs, bool), f"cuda_graph must be true or false, got {graphs!r}")
     _require(not graphs or device.type == "cuda",
              f"cuda_graph=true replays the denoiser as CUDA graphs and needs a GPU (device resolves to {device})")
+
+
+def _validate_model(m) -> None:
+    _text(m.name, "model.name")
+    _choice(m.family, "model.family", sorted(FAMILIES))
+    _choice(m.source, "model.source", SOURCES)
+    _choice(m.get("dtype", "float32"), "model.dtype", sorted(DTYPES))
+    _choice(m.prediction, "model.prediction", PREDICTIONS)
+    _positive_int(m.resolution, "model.resolution")
+    if m.get("max_sequence_length") is not None:
+        _positive_int(m.max_sequence_length, "model.max_sequence_length")
+    if m.source == "hub":
+        _text(m.get("hub_id"), "model.hub_id")
+        _text(m.get("revision", "main"), "model.revision")
+        _text(m.get("local_path"), "model.local_path", optional=True)
+        _text(m.get("variant"), "model.variant", optional=True)
+        _bool(m.get("allow_download", False), "model.allow_download")
+
+
+def _validate_sampler(cfg) -> None:
+    s = cfg.sampler
+    name = _choice(s.name, "sampler.name", sorted(SAMPLERS))
+    try:
+        check_sampler(name, cfg.model.prediction)
+    except ValueError as err:
+        raise ConfigError(f"sampler: {err}") from None
+    _positive_int(s.steps, "sampler.steps")
+    _number(s.guidance, "sampler.guidance", 0)
+    options = s.get("options") or {}
+    _require(isinstance(options, Mapping), f"sampler.options must be a mapping, got {options!r}")
+    if name == "ddim" and options.get("eta", 0) != 0:
+        # DDIM's eta is an argument of each step, not scheduler config: from_config drops it silently.
+        raise ConfigError(
+            f"sampler.options.eta={options['eta']!r}: DDIM's eta is a step argument that qdrift does not pass to "
+            "the pipeline, so the run would sample deterministic DDIM anyway; stochastic DDIM is not supported "
+            "(Q-Drift's drift correction is off on stochastic samplers); remove sampler.options.eta")
+    accepted = set(inspect.signature(SAMPLERS[name].cls.__init__).parameters) - {"self"} | (
+        {"eta"} if name == "ddim" else set())   # eta=0 is what runs anyway
+    unknown = sorted(set(options) - accepted)
+    _require(not unknown, f"sampler.options {unknown} are not settings of {SAMPLERS[name].cls.__name__} "
+                          "(they would be ignored)")
+    try:
+        probe_scheduler(cfg)
+    except (ValueError, TypeError, NotImplementedError) as err:
+        raise ConfigError(f"sampler={name} with sampler.options={dict(options)}: {one_line(err)}") from None
+
+
+def probe_scheduler(cfg, steps: int = 4):
+    """The run's scheduler class and options on a default noise schedule, timesteps set (no model needed)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    name, prediction = cfg.sampler.name, cfg.model.prediction
+    options = cfg.sampler.get("options") or {}
+    options = OmegaConf.to_container(options, resolve=True) if OmegaConf.is_config(options) else dict(options)
+    base = FlowMatchEulerDiscreteScheduler() if prediction == "flow" else SAMPLERS[name].cls()
+    sch = make_scheduler(name, base, prediction, options)
+    kwargs = {}
+    if getattr(sch.config, "use_dynamic_shifting", False) and "mu" in inspect.signature(sch.set_timesteps).parameters:
+        kwargs["mu"] = 0.0   # the pipeline passes its resolution shift; any value exercises the same code
+    sch.set_timesteps(steps, **kwargs)
+    return sch
 
 
 def _validate_quant(q) -> None:
@@ -77,39 +202,122 @@ def _validate_quant(q) -> None:
     try:
         spec = QuantSpec.from_config(q)
     except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"quant={q.get('name')}: {err}") from None
+        raise ConfigError(f"quant={q.get('name')}: {one_line(err)}") from None
     _require(is_implemented(spec), f"quant={q.name}: method {q.method!r} is not implemented yet")
 
 
+def quant_calib_prompts(q) -> int:
+    """Calibration prompts the quantizer runs (0 without quantization)."""
+    from .quant import QuantSpec
+
+    spec = QuantSpec.from_config(q)
+    if spec.method == "none":
+        return 0
+    return max(spec.calib_prompts, spec.mixdq.sensitivity_prompts if spec.mixdq else 0)
+
+
+def calib_runs(cfg) -> int:
+    """Q-Drift calibration runs computed for K: whole batches of calib.batch_size (stages/calibrate.py)."""
+    bs = int(cfg.calib.batch_size)
+    return -(-int(cfg.calib.num_runs) // bs) * bs
+
+
+def _validate_calib(c) -> None:
+    _positive_int(c.num_runs, "calib.num_runs (K)")
+    _seed(c.seed, "calib.seed")
+    _number(c.trim_std, "calib.trim_std")
+    _positive_int(c.batch_size, "calib.batch_size")
+
+
 def _validate_correctors(correctors) -> None:
+    _require(correctors is None or isinstance(correctors, Mapping),
+             f"corrector must be a mapping of variant name -> settings, got {correctors!r}")
     for name, c in (correctors or {}).items():
         _require(name not in ("fp", "quant"), f"corrector name {name!r} is reserved for a variant")
-        _require(c.get("kind") in CORRECTORS, f"corrector.{name}.kind={c.get('kind')!r}; choose one of {sorted(CORRECTORS)}")
-        _require(c.get("pooling", "scalar") in POOLINGS,
-                 f"corrector.{name}.pooling={c.get('pooling')!r}; choose one of {list(POOLINGS)}")
+        _require(isinstance(c, Mapping), f"corrector.{name} must be a mapping with a kind, got {c!r}")
+        _choice(c.get("kind"), f"corrector.{name}.kind", sorted(CORRECTORS))
+        _choice(c.get("pooling", "scalar"), f"corrector.{name}.pooling", POOLINGS)
+        allowed = {"kind", "pooling"} | set(inspect.signature(CORRECTORS[c.kind].__init__).parameters) - {
+            "self", "stats", "layout"}
+        unknown = sorted(set(c) - allowed)
+        _require(not unknown, f"corrector.{name}: {unknown} are not settings of a {c.kind} corrector")
         if c.kind == "qdrift":
-            _require(c.get("mode", "paper") in MODES, f"corrector.{name}.mode={c.get('mode')!r}; choose one of {list(MODES)}")
-            _require(float(c.get("drift_scale", 1.0)) >= 0, f"corrector.{name}.drift_scale must be >= 0")
+            _choice(c.get("mode", "paper"), f"corrector.{name}.mode", MODES)
+            _number(c.get("drift_scale", 1.0), f"corrector.{name}.drift_scale", 0)
+            _bool(c.get("bias_removal", False), f"corrector.{name}.bias_removal")
+
+
+def _validate_sampling_with_correctors(cfg) -> None:
+    """Correctors need a rule for the sampler (drift/rules.py); refuse variants that would change nothing."""
+    if not cfg.corrector:
+        return
+    where = f"sampler={cfg.sampler.name} on a {cfg.model.prediction}-prediction model"
+    try:
+        schedule = schedule_of(probe_scheduler(cfg))
+    except NotImplementedError as err:
+        raise ConfigError(f"the correctors cannot run with {where}: {one_line(err)}; use a sampler with a "
+                          "Q-Drift rule for it (e.g. sampler=dpmpp or ddim) or corrector=none") from None
+    if not schedule.stochastic:
+        return
+    for name, c in cfg.corrector.items():
+        if c.kind != "qdrift":
+            continue   # PTQD and D2DPM correct the model output, which acts on any sampler
+        if not c.get("bias_removal", False):
+            raise ConfigError(
+                f"corrector.{name}: Q-Drift's drift correction is off on stochastic samplers ({where}, "
+                f"sampler.options={dict(cfg.sampler.options or {})}), so this variant would equal the quantized "
+                f"one; use a deterministic sampler, or set corrector.{name}.bias_removal=true, or use ptqd/d2dpm")
+        log.warning("corrector.%s: %s is stochastic, so only Q-Drift's bias removal acts (no drift correction)",
+                    name, where)
 
 
 def _validate_eval(cfg) -> None:
     e = cfg.eval
-    n = _positive_int(e.num_prompts, "eval.num_prompts")
-    _require(e.features in FEATURES, f"eval.features={e.features!r}; choose one of {list(FEATURES)}")
-    _require(e.clip in CLIPS, f"eval.clip={e.clip!r}; choose one of {list(CLIPS)}")
-    _require(e.reference in REFERENCES, f"eval.reference={e.reference!r}; choose one of {list(REFERENCES)}")
+    prompts = _choice(e.prompt_set, "eval.prompt_set", PROMPT_SETS)
+    n = _int(e.num_prompts, "eval.num_prompts", 2)   # FID and KID need at least two images
     _require(n < EVAL_SEED_SPAN, f"eval.num_prompts must be < {EVAL_SEED_SPAN}")
-    # FP, quantized and corrected runs share noise; calibration must not reuse any evaluation seed.
-    lo, hi = cfg.seed, cfg.seed + n
-    c_lo, c_hi = cfg.calib.seed, cfg.calib.seed + max(cfg.calib.num_runs, 1)
-    _require(c_hi <= lo or c_lo >= hi,
-             f"calibration seeds [{c_lo}, {c_hi}) overlap evaluation seeds [{lo}, {hi}): change calib.seed or seed")
+    _choice(e.features, "eval.features", FEATURES)
+    _choice(e.clip, "eval.clip", CLIPS)
+    _choice(e.reference, "eval.reference", REFERENCES)
+    _require(e.reference in REFERENCE_OF[prompts],
+             f"eval.reference={e.reference} does not exist for eval.prompt_set={prompts}; "
+             f"choose one of {list(REFERENCE_OF[prompts])}")
+    _positive_int(e.num_resamples, "eval.num_resamples")
+    _int(e.kid_subset_size, "eval.kid_subset_size", 2)
+    for key in ("mjhq_dir", "inception_weights", "clip_weights", "lpips_weights", "clip_pretrained"):
+        _text(e.get(key), f"eval.{key}", optional=True)
+    if e.clip == "openclip":
+        _text(e.get("clip_arch"), "eval.clip_arch")
+
+
+def _validate_seeds(cfg) -> None:
+    """FP, quantized and corrected runs share noise; no calibration may reuse an evaluation seed."""
+    bs = int(cfg.batch_size)
+    n = -(-int(cfg.eval.num_prompts) // bs) * bs   # images are made in whole batches (stages/generate.py)
+    ranges = {"evaluation": (cfg.seed, cfg.seed + n)}
+    if cfg.corrector:
+        ranges["calibration"] = (cfg.calib.seed, cfg.calib.seed + calib_runs(cfg))
+    ptq = quant_calib_prompts(cfg.quant)
+    if ptq:
+        from .stages.context import QUANT_SEED_OFFSET
+
+        lo = cfg.calib.seed + QUANT_SEED_OFFSET
+        ranges["PTQ calibration"] = (lo, lo + ptq)
+    items = list(ranges.items())
+    for i, (a, (a_lo, a_hi)) in enumerate(items):
+        _require(a_hi <= MAX_SEED, f"{a} seeds reach past 2**63: lower seed or calib.seed")
+        for b, (b_lo, b_hi) in items[i + 1:]:
+            _require(a_hi <= b_lo or b_hi <= a_lo,
+                     f"{b} seeds [{b_lo}, {b_hi}) overlap {a} seeds [{a_lo}, {a_hi}): change calib.seed or seed")
 
 
 def _validate_logger(lg) -> None:
-    _require(lg.kind in LOGGERS, f"logger.kind={lg.kind!r}; choose one of {list(LOGGERS)}")
+    _choice(lg.kind, "logger.kind", LOGGERS)
     if lg.kind == "wandb":
-        _require(lg.mode in WANDB_MODES, f"logger.mode={lg.mode!r}; choose one of {list(WANDB_MODES)}")
+        _choice(lg.mode, "logger.mode", WANDB_MODES)
+        _text(lg.project, "logger.project")
+        _int(lg.get("log_images", 0), "logger.log_images", 0)
+        _number(lg.get("init_timeout", 10), "logger.init_timeout", 0.1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,6 +342,8 @@ def check_writable(*dirs: str | Path) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as err:
-            raise ConfigError(f"output directory {path} is not writable ({err.strerror or err})") from None
+            raise ConfigError(f"output directory {path} is not writable ({err.strerror or err}); "
+                              "set output_root (or cache_dir) to a writable place") from None
         if not os.access(path, os.W_OK):
-            raise ConfigError(f"output directory {path} is not writable")
+            raise ConfigError(f"output directory {path} is not writable; set output_root (or cache_dir) "
+                              "to a writable place")

@@ -4,6 +4,9 @@
 - bench:   held-out captions of the procedural bench dataset; references rendered from them.
 - mjhq:    MJHQ-30K (the paper's evaluation set) from a local copy: the first `num_prompts` ids
            in sorted order evaluate, the rest calibrate; references are MJHQ's own images.
+
+Every set says how many prompts each split has (`max_eval`, `max_calib`; None: more than any run
+needs), so a run asking for more is refused before it starts.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class BuiltinPrompts:
         grounds = ["red", "blue", "yellow", "white", "black", "green"]
         combos = itertools.product(counts, sizes, colours, shapes, grounds)
         self.all = [f"{c} {s} {col} {sh} on {g} background" for c, s, col, sh, g in combos if col != g]
+        self.max_eval, self.max_calib = len(self.all[0::2]), len(self.all[1::2])
 
     def eval_prompts(self, n: int) -> list[str]:
         return self._take(self.all[0::2], n)
@@ -54,6 +58,7 @@ class BuiltinPrompts:
 class BenchPrompts:
     name = "bench"
     has_references = True
+    max_eval = max_calib = None   # hundreds of millions of captions per split
 
     def eval_prompts(self, n: int) -> list[str]:
         from qdrift.bench import captions
@@ -92,24 +97,34 @@ class MJHQPrompts:
 
     name = "mjhq"
     has_references = True
+    DOWNLOAD = ("Download MJHQ-30K (`hf download playgroundai/MJHQ-30K --repo-type dataset --local-dir DIR`, then "
+                "unzip mjhq30k_imgs.zip so that DIR holds meta_data.json and the <category>/<id>.jpg folders) and "
+                "run with eval.mjhq_dir=DIR")
 
     def __init__(self, root: str | None, num_eval: int):
         if not root:
-            raise PromptSetUnavailable(
-                "eval.mjhq_dir is not set. Download MJHQ-30K (hub dataset playgroundai/MJHQ-30K: meta_data.json "
-                "and mjhq30k_imgs.zip, unzipped) and run with eval.mjhq_dir=/path/to/MJHQ-30K")
+            raise PromptSetUnavailable(f"eval.mjhq_dir is not set. {self.DOWNLOAD}")
         self.root = Path(root)
         meta = self.root / "meta_data.json"
+        if not self.root.is_dir():
+            raise PromptSetUnavailable(f"eval.mjhq_dir={root} is not a directory. {self.DOWNLOAD}")
         if not meta.is_file():
-            raise PromptSetUnavailable(f"{meta} not found: eval.mjhq_dir must hold MJHQ-30K's meta_data.json")
-        data = json.loads(meta.read_text())
+            raise PromptSetUnavailable(f"{meta} not found: eval.mjhq_dir must hold MJHQ-30K's meta_data.json. "
+                                       f"{self.DOWNLOAD}")
+        try:
+            data = json.loads(meta.read_text())
+            if not all("prompt" in v and "category" in v for v in data.values()):
+                raise ValueError("entries need 'prompt' and 'category'")
+        except (ValueError, AttributeError, OSError) as err:
+            raise PromptSetUnavailable(f"{meta} is not MJHQ-30K's meta_data.json ({err})") from None
         self.ids = sorted(data)
         self.meta = data
         self.num_eval = num_eval
+        self.max_eval, self.max_calib = len(self.ids), max(len(self.ids) - num_eval, 0)
 
     def eval_prompts(self, n: int) -> list[str]:
-        if n > self.num_eval:
-            raise ValueError(f"asked for {n} evaluation prompts, the split has {self.num_eval}")
+        if n > min(self.num_eval, len(self.ids)):
+            raise ValueError(f"asked for {n} evaluation prompts, the split has {min(self.num_eval, len(self.ids))}")
         return [self.meta[i]["prompt"] for i in self.ids[:n]]
 
     def calib_prompts(self, n: int) -> list[str]:
@@ -118,12 +133,15 @@ class MJHQPrompts:
             raise ValueError(f"asked for {n} calibration prompts, MJHQ has {len(rest)} outside the evaluation split")
         return [self.meta[i]["prompt"] for i in rest[:n]]
 
+    def reference_path(self, i: int) -> Path:
+        key = self.ids[i]
+        return self.root / self.meta[key]["category"] / f"{key}.jpg"
+
     def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
         from PIL import Image
 
         for i in indices:
-            key = self.ids[i]
-            src = self.root / self.meta[key]["category"] / f"{key}.jpg"
+            src = self.reference_path(i)
             if not src.is_file():
                 raise PromptSetUnavailable(f"MJHQ reference image {src} is missing")
             img = Image.open(src).convert("RGB").resize((resolution, resolution), Image.BICUBIC)

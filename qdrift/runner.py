@@ -7,15 +7,19 @@ stats/ and the resolved config.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import atomic_write_json, plain
-from .config import check_writable, resolve_device, validate
+from .config import ConfigError, check_writable, resolve_device, validate
 from .models.cuda_graph import CudaGraphForward, use_cuda_graphs
 from .prompts import prompt_set
 from .quant import fake_quant_layers
+from .signals import terminate_on_sigterm
 from .stages.build import build
 from .stages.calibrate import calibrate_stage
 from .stages.context import RunContext
@@ -27,14 +31,21 @@ from .tracking.wandb_logger import WandbLogger
 log = logging.getLogger("qdrift")
 
 
+@terminate_on_sigterm()   # Slurm's kill: the `finally` blocks below still run (W&B finished, locks freed)
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run every stage; returns the content of metrics.json."""
     validate(cfg)                                   # bad input fails here, before any model loads
     run_dir = Path(run_dir)
     check_writable(run_dir, cfg.cache_dir)
+    with claim_run_dir(run_dir):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict:
     prompts_source = prompt_set(cfg.eval)
     ctx = RunContext(cfg, run_dir, resolve_device(cfg.device),
                      prompts_source.eval_prompts(int(cfg.eval.num_prompts)), prompts_source)
+    ctx.batch_prompts = padded_prompts(ctx)
     config = plain(cfg)
     atomic_write_json(run_dir / "config.json", config)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -63,6 +74,37 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         return result
     finally:
         tracker.finish(failed=failed)   # always, so one crash does not break a sweep's next run
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path):
+    """One run, one directory: refuse a directory that holds another run's results or is in use."""
+    if (run_dir / "metrics.json").exists() or (run_dir / "images").exists():
+        raise ConfigError(f"run directory {run_dir} already holds a run's results; use a new one "
+                          "(hydra.run.dir=...) so nothing already produced is overwritten")
+    lock = FileLock(str(run_dir / ".qdrift-run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"run directory {run_dir} is in use by another run") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def padded_prompts(ctx: RunContext) -> list[str]:
+    """The evaluation prompts followed by the next ones of the set up to whole batches (the padding
+    is generated, never evaluated); repeats the last prompt where the set has no more."""
+    n, bs = len(ctx.prompts), int(ctx.cfg.batch_size)
+    total = -(-n // bs) * bs
+    try:
+        more = ctx.prompt_set.eval_prompts(total)
+    except ValueError:
+        more = []
+    if more[:n] == ctx.prompts and len(more) == total:
+        return more
+    return ctx.prompts + [ctx.prompts[-1]] * (total - n)
 
 
 def graph_denoiser(denoiser) -> CudaGraphForward:

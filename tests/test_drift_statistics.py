@@ -13,7 +13,7 @@ from qdrift.drift import (
     calibrate_denoisers,
     wrap_scheduler,
 )
-from qdrift.drift import moments
+from qdrift.drift import InvalidStatistics, moments
 from qdrift.drift.calibration import PairedAccumulator
 from qdrift.drift.testbed import SAMPLERS
 from qdrift.models.tiny import build_tiny
@@ -85,6 +85,40 @@ def test_trimming_drops_outliers():
     dirty = _accumulate(u + (e_out - e), e_out, 4.0).fit().s_ee
     untrimmed = _accumulate(u + (e_out - e), e_out, 0.0).fit().s_ee
     assert abs(dirty - clean) / clean < 0.05 < abs(untrimmed - clean) / clean
+
+
+@pytest.mark.parametrize("trim_std", [4.0, 5.0, 6.0])
+def test_trimming_threshold_is_trim_std_exactly(trim_std):
+    """Outliers planted at 5.5 sigma: dropped at trim_std 4 and 5, kept at 6; the kept set is exactly
+    |e - mean(e)| <= trim_std * std(e) (unbiased std), over the row."""
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(1, 20000, generator=g, dtype=torch.float64)
+    e = torch.randn(1, 20000, generator=g, dtype=torch.float64)
+    e = (e - e.mean()) / e.std()
+    e[0, :8] = 5.5 * e.std()                            # 5.5 sigma before the planting shifts mean/std a hair
+    z = (e - e.mean(-1, keepdim=True)) / e.std(-1, keepdim=True)
+    expected = moments.moments_of(u, e, z.abs() <= trim_std)
+    got = moments.trimmed_moments(u, e, trim_std)
+    assert torch.equal(got, expected)
+    assert (int(got[0, moments.N]) < 20000 - 7) == (trim_std < 5.5)   # the planted eight are in or out
+
+
+def test_invalid_statistics_are_refused(tmp_path):
+    pool = _accumulate(*_pairs())
+    for field, value in ((moments.M_EE, -1.0), (moments.MU_U, float("nan")), (moments.N, -3.0),
+                         (moments.M_UU, float("inf"))):
+        bad = pool.channel.clone()
+        bad[0, 0, 0, field] = value
+        with pytest.raises(InvalidStatistics):
+            CalibrationPool(pool.scalar, bad, {})
+    from safetensors.torch import save_file
+
+    bad = pool.scalar.clone()
+    bad[0, 0, moments.M_EE] = -1.0
+    save_file({"scalar": bad, "channel": pool.channel}, str(tmp_path / "neg.safetensors"),
+              metadata={"manifest": "{}", "format": "qdrift-calibration-pool/1"})
+    with pytest.raises(InvalidStatistics, match="neg.safetensors.*negative sums of squares"):
+        CalibrationPool.load(tmp_path / "neg.safetensors")
 
 
 def test_bad_k_is_rejected():

@@ -89,6 +89,21 @@ def test_feature_cache_recovers_from_corrupt_file(tmp_path):
     assert ext.calls == 3
 
 
+def test_feature_cache_detects_altered_features(tmp_path):
+    """A feature file whose tensor bytes were changed (header intact) is recomputed, not used."""
+    for i in range(3):
+        _write_png(tmp_path / f"{i}.png", i / 4)
+    ext = Counting(PixelFeatures(size=2))
+    good = feature_cache(tmp_path, ext)
+    path = tmp_path / "features-pixel2.safetensors"
+    blob = bytearray(path.read_bytes())
+    blob[-20] ^= 0xFF                          # inside the data section
+    path.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match="checksum"):
+        again = feature_cache(tmp_path, ext)
+    assert ext.calls == 6 and torch.equal(again, good)
+
+
 def test_feature_cache_handles_mixed_image_sizes(tmp_path):
     _write_png(tmp_path / "0.png", 0.2, size=16)
     _write_png(tmp_path / "1.png", 0.4, size=24)

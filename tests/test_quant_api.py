@@ -7,9 +7,10 @@ import torch
 from qdrift.models.families import denoiser_of
 from qdrift.models.tiny import build_tiny
 from qdrift.quant import (
-    FakeQuantLayer, QuantSpec, dequantize, fake_quant_layers, is_implemented, load_quant_state, quant_cache_key,
-    quant_enabled, quantize, read_header, save_quant_state, select_layers,
+    FakeQuantLayer, QuantSpec, algorithm_version, dequantize, fake_quant_layers, is_implemented, load_quant_state,
+    quant_cache_key, quant_enabled, quantize, read_header, save_quant_state, select_layers,
 )
+from qdrift.quant import mixdq, rtn, svdquant
 from qdrift.quant.calib import pipeline_calibrator, record_denoiser_calls, replay_calibrator
 
 EXTRA = {
@@ -162,3 +163,12 @@ def test_quantize_through_the_real_pipeline():
     assert not torch.equal(q, fp)
     with quant_enabled(den, False):
         assert torch.equal(calibrate(2), fp)
+
+
+def test_algorithm_version_names_the_method_and_its_code_version():
+    assert algorithm_version(spec("svdquant_w4a4")) == f"svdquant/{svdquant.ALGORITHM_VERSION}"
+    assert algorithm_version(spec("svdquant_nvfp4")) == algorithm_version(spec("svdquant_w4a4"))
+    assert algorithm_version(spec("mixdq_w4a8")) == f"mixdq/{mixdq.ALGORITHM_VERSION}"
+    assert algorithm_version(spec("rtn_w4a8")) == f"rtn/{rtn.ALGORITHM_VERSION}"
+    assert algorithm_version(QuantSpec.from_config({"name": "none", "method": "none"})) == "none/1"
+    assert all(isinstance(m.ALGORITHM_VERSION, int) for m in (mixdq, rtn, svdquant))

@@ -136,3 +136,16 @@ def test_invalid_quantizer_specs_are_rejected():
         QuantizerSpec(4, "nvfp4", "group", 64)
     with pytest.raises(ValueError, match="format"):
         QuantizerSpec(4, "mxfp4")
+
+
+def test_constants_divide_as_float32_reciprocal_products():
+    """PyTorch's CUDA kernels turn `t / 7` into t * float32(1/7); its CPU kernels divide. The quantizer always
+    multiplies, so scales (and codes) do not depend on the device."""
+    from qdrift.quant.primitives import div_const
+
+    a = torch.arange(1, 4097, dtype=torch.float32) * 0.37
+    assert torch.equal(div_const(a, 7), a * torch.tensor(1 / 7, dtype=torch.float32))
+    assert not torch.equal(div_const(a, 7), a / 7)                    # the two roundings do differ at times
+    x = torch.randn(8, 64) * 3
+    s = x.abs().amax(-1, keepdim=True) * torch.tensor(1 / 7, dtype=torch.float32)
+    assert torch.equal(fake_quant_act(x, QuantizerSpec(4)), torch.clamp(torch.round(x / s), -8, 7) * s)

@@ -1,13 +1,16 @@
-"""SVDQuant on single layers: the low-rank branch, error vs plain RTN, W3 vs W4, smoothing search."""
+"""SVDQuant on single layers: the low-rank branch, error vs plain RTN, W3 vs W4, smoothing search, rank check."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+from qdrift.models.tiny import tiny_pixart
 from qdrift.quant import QuantSpec
+from qdrift.quant.api import quantize
 from qdrift.quant.layers import FakeQuantLayer
 from qdrift.quant.primitives import fake_quant_act, fake_quant_weight
+from qdrift.quant.select import select_layers
 from qdrift.quant.spec import QuantizerSpec
 from qdrift.quant.svdquant import alpha_beta_grid, svdquant_linear
 
@@ -116,3 +119,14 @@ def test_grid_and_fp_mode():
     assert isinstance(layer, FakeQuantLayer) and layer.orig is lin
     layer.quant_on = False
     assert torch.equal(layer(x), lin(x))
+
+
+def test_a_rank_as_wide_as_a_layer_is_refused_before_calibrating():
+    """Rank >= min(in, out) keeps the whole weight in 16 bit: zero error, nothing quantized."""
+    den = tiny_pixart().transformer
+    narrowest = min(min(m.weight.shape[0], m.weight[0].numel())
+                    for m in (den.get_submodule(s.name) for s in select_layers(den, "pixart") if s.role == "quant"))
+    calls = []
+    with pytest.raises(ValueError, match=rf"rank {narrowest} >= width {narrowest} of layer .*quant.rank=N"):
+        quantize(den, _spec(rank=narrowest), "pixart", calls.append, progress=False)
+    assert calls == []                                                   # refused before any calibration

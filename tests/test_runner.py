@@ -72,13 +72,13 @@ def test_second_identical_run_is_served_from_cache(run_tiny, monkeypatch):
 
 def test_resume_after_crash_gives_identical_metrics(run_tiny, tmp_path, monkeypatch):
     overrides = ["quant=rtn_w4a8", "++quant.calib_prompts=2", "eval.num_prompts=6", "batch_size=2"]
-    reference, _ = run_tiny(overrides, cache=tmp_path / "cache_ref")
+    reference, ref_dir = run_tiny(overrides, cache=tmp_path / "cache_ref")
 
     saved = {"n": 0}
     real_save = generate_mod.atomic_save_image
 
     def crashing_save(img, path):
-        if saved["n"] == 7:  # mid-way through the second variant
+        if saved["n"] == 7:  # mid-way through the second variant's first batch
             raise KeyboardInterrupt("simulated kill")
         saved["n"] += 1
         real_save(img, path)
@@ -89,25 +89,32 @@ def test_resume_after_crash_gives_identical_metrics(run_tiny, tmp_path, monkeypa
     monkeypatch.setattr(generate_mod, "atomic_save_image", real_save)
     images = sorted((tmp_path / "cache_crash" / "images").rglob("*.png"))
     stamps = {p: p.stat().st_mtime_ns for p in images}
-    assert len(images) == 7
+    assert len(images) == 6  # three whole batches of FP images; the half-made batch left nothing behind
 
     counter = CallCounter(monkeypatch)
-    resumed, _ = run_tiny(overrides, cache=tmp_path / "cache_crash")
+    resumed, run_dir = run_tiny(overrides, cache=tmp_path / "cache_crash")
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # finished images were not rewritten
     generated = sum(len(seeds) for _, seeds in counter.images())
     assert generated == 3 * 6 - 6  # the 3 finished batches of 2 images were skipped
     assert resumed["variants"] == reference["variants"]
+    for variant in ("fp", "quant", "qdrift"):
+        for i in range(6):
+            assert (run_dir / f"images/{variant}/{i}.png").read_bytes() == \
+                (ref_dir / f"images/{variant}/{i}.png").read_bytes()
 
 
 def test_sweep_over_k_reuses_pool_and_images(run_tiny, monkeypatch):
-    run_tiny(["quant=rtn_w4a8", "++quant.calib_prompts=2", "calib.num_runs=2"])
+    base = ["quant=rtn_w4a8", "++quant.calib_prompts=2", "calib.batch_size=2"]
+    run_tiny([*base, "calib.num_runs=2"])
     counter = CallCounter(monkeypatch)
-    metrics, run_dir = run_tiny(["quant=rtn_w4a8", "++quant.calib_prompts=2", "calib.num_runs=3"])
+    metrics, run_dir = run_tiny([*base, "calib.num_runs=3"])
     latent_calls = [seeds for kind, seeds in counter.calls if kind == "latent"]
-    assert latent_calls == [[1000002], [1000002]]  # only the new run: FP pass + teacher-forced quantized pass
+    # only the new block of runs (2, 3): FP pass + teacher-forced quantized pass
+    assert latent_calls == [[1000002, 1000003], [1000002, 1000003]]
     image_calls = counter.images()
     assert len(image_calls) == 1  # only the corrected variant (new K) is generated; FP and quant come from cache
-    assert json.loads((run_dir / "stats/summary.json").read_text())["pool_runs"] == 3
+    summary = json.loads((run_dir / "stats/summary.json").read_text())
+    assert summary["num_runs"] == 3 and summary["pool_runs"] == 4
 
 
 def test_wandb_offline_logs_and_failures_do_not_kill_the_run(run_tiny, monkeypatch):
@@ -164,7 +171,7 @@ def test_multirun_sweep_over_k(tmp_path):
     assert len(metrics) == 2
     ks = sorted(json.loads(m.read_text())["config"]["calib"]["num_runs"] for m in metrics)
     assert ks == [1, 2]
-    # One calibration pool, extended from 1 to 2 runs by the second job.
+    # One block of calibration runs (calib.batch_size = batch_size = 2) serves both jobs.
     pools = list((tmp_path / "cache" / "calib").glob("*/pool.safetensors"))
     assert len(pools) == 1
 
@@ -191,3 +198,17 @@ def test_embedded_default_end_to_end_on_few_prompts(tmp_path):
     quant = metrics["variants"]["quant"]
     assert quant["psnr_vs_fp"] < 40 and quant["fid_vs_fp"] > 0       # really quantized: images differ from FP
     assert "fid_delta_ci_low" in metrics["variants"]["qdrift"]
+
+
+def test_calibration_trims_at_the_configured_threshold(run_tiny):
+    """The calibrate stage passes calib.trim_std to the moments: a tight threshold drops samples, 0 keeps all."""
+    from qdrift.drift import CalibrationPool, moments
+
+    counts = {}
+    for trim in (0.0, 1.0):
+        _, run_dir = run_tiny([*["quant=rtn_w4a8", "++quant.calib_prompts=2"], f"calib.trim_std={trim}"])
+        pool = CalibrationPool.load(run_dir / "stats/pool.safetensors")
+        counts[trim] = pool.scalar[..., moments.N]
+    full = counts[0.0]
+    assert bool((full == full.flatten()[0]).all())           # every element of every run and step kept
+    assert bool((counts[1.0] < 0.8 * full).all())            # |z| <= 1 keeps about 68 %

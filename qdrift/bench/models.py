@@ -126,6 +126,12 @@ def load_modules(path: str | Path) -> tuple[dict[str, torch.nn.Module], dict]:
 
 # ---- pipelines ----
 
+def bench_weight_files(name: str, weights_dir: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """The files bench model `name` is built from (tokenizer, VAE, model): what its identity hashes."""
+    directory = resolve_dir(weights_dir)
+    return directory / TOKENIZER_FILE, directory / "vae.safetensors", directory / f"{name}.safetensors"
+
+
 def load_bench_pipeline(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         weights_dir: str | Path | None = None):
     """The diffusers pipeline of bench model `name` ("bench_dit" | "bench_unet" | "bench_flow"), offline.
@@ -135,9 +141,10 @@ def load_bench_pipeline(name: str, device: str | torch.device = "cpu", dtype: to
     if name not in configs.GENERATORS:
         raise ValueError(f"unknown bench model {name!r}; known: {configs.GENERATORS}")
     directory = resolve_dir(weights_dir)
+    _, vae_file, model_file = bench_weight_files(name, directory)
     tokenizer = load_tokenizer(directory)
-    vae = load_modules(directory / "vae.safetensors")[0]["vae"]
-    parts, meta = load_modules(directory / f"{name}.safetensors")
+    vae = load_modules(vae_file)[0]["vae"]
+    parts, meta = load_modules(model_file)
     sched = meta["scheduler"]
     scheduler = getattr(diffusers, sched["class"]).from_config(sched["kwargs"])
     pipeline_cls = getattr(diffusers, configs.PIPELINE[name])

@@ -17,6 +17,8 @@ from .hooks import StepHook, wrap_scheduler
 from .layout import by_channel, check_layout
 from .statistics import CalibrationPool
 
+CALIBRATION_VERSION = 1   # bump when a change alters the moments a calibration run records
+
 
 class PairedAccumulator:
     """Moment records of (u, e) for a batch of runs: scalar (B, S, 6) and per channel (B, S, C, 6)."""

@@ -152,6 +152,8 @@ class D2DPM(Corrector):
 
 
 CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM}
+# Code version of each corrector's rules (rules.py included): bump when a change alters its images.
+CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 1, "d2dpm": 1}
 
 
 def make_corrector(kind: str, stats: DriftStatistics, layout: str = "image", **options) -> Corrector:

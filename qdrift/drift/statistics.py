@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from qdrift.cache import atomic_write_bytes
 
 from . import moments
 
@@ -26,6 +28,10 @@ COMPAT_KEYS = ("model", "quant", "sampler", "steps", "guidance", "resolution", "
 
 class StatisticsMismatch(ValueError):
     """Statistics computed for another model/sampler/setting than the one they are used with."""
+
+
+class InvalidStatistics(ValueError):
+    """Statistics with values no fit can use (non-finite, negative variances or counts)."""
 
 
 @dataclass
@@ -86,6 +92,10 @@ class CalibrationPool:
         if self.scalar.ndim != 3 or self.channel.ndim != 4 or self.scalar.shape[:2] != self.channel.shape[:2]:
             raise ValueError(f"inconsistent pool shapes: scalar {tuple(self.scalar.shape)}, "
                              f"channel {tuple(self.channel.shape)}")
+        for name, records in (("scalar", self.scalar), ("channel", self.channel)):
+            problem = invalid_records(records)
+            if problem:
+                raise InvalidStatistics(f"calibration statistics ({name}) are unusable: {problem}")
 
     @property
     def num_runs(self) -> int:
@@ -137,13 +147,10 @@ class CalibrationPool:
 
     def save(self, path: str | Path) -> None:
         """Atomically write safetensors (float64 records + JSON manifest in the header)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         manifest = dict(self.manifest, num_runs=self.num_runs)
-        save_file({"scalar": self.scalar.contiguous(), "channel": self.channel.contiguous()}, str(tmp),
-                  metadata={"manifest": json.dumps(manifest, sort_keys=True), "format": "qdrift-calibration-pool/1"})
-        tmp.replace(path)
+        blob = save({"scalar": self.scalar.contiguous(), "channel": self.channel.contiguous()},
+                    metadata={"manifest": json.dumps(manifest, sort_keys=True), "format": "qdrift-calibration-pool/1"})
+        atomic_write_bytes(path, blob)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationPool":
@@ -159,4 +166,20 @@ class CalibrationPool:
             raise ValueError(f"corrupted calibration statistics file {path} ({err}); delete it to recompute") from err
         if meta.get("format") != "qdrift-calibration-pool/1" or set(tensors) != {"scalar", "channel"}:
             raise ValueError(f"{path} is not a qdrift calibration pool")
-        return cls(tensors["scalar"], tensors["channel"], manifest)
+        try:
+            return cls(tensors["scalar"], tensors["channel"], manifest)
+        except InvalidStatistics as err:
+            raise InvalidStatistics(f"{path}: {err}") from None
+
+
+def invalid_records(records: torch.Tensor) -> str | None:
+    """Why moment records cannot be statistics (non-finite values, negative counts or sums of squares)."""
+    if records.shape[-1] != moments.FIELDS:
+        return f"records have {records.shape[-1]} fields, expected {moments.FIELDS}"
+    if not bool(torch.isfinite(records).all()):
+        return "non-finite values (did the model output NaN or inf?)"
+    if bool((records[..., moments.N] < 0).any()):
+        return "negative sample counts"
+    if bool((records[..., [moments.M_UU, moments.M_EE]] < 0).any()):
+        return "negative sums of squares"
+    return None

@@ -1,7 +1,7 @@
 """Evaluation metrics: FID/KID on cached features, CLIP score, paired PSNR/SSIM/LPIPS vs FP, bootstrap CIs."""
 from qdrift.eval.bootstrap import bootstrap_mean_ci, paired_bootstrap_fid_delta
 from qdrift.eval.clip_score import ClipScorer, LoadedClip, clip_preprocess, load_openclip
-from qdrift.eval.evaluate import evaluate_variants, format_table
+from qdrift.eval.evaluate import evaluate_variants, format_header, format_table
 from qdrift.eval.features import (
     ClipImageFeatures,
     FeatureExtractor,
@@ -26,6 +26,7 @@ __all__ = [
     "clip_preprocess",
     "evaluate_variants",
     "feature_cache",
+    "format_header",
     "format_table",
     "frechet_distance",
     "frechet_from_stats",

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from qdrift.eval.fid import frechet_from_stats, gaussian_stats, weighted_moments
+from qdrift.progress import progress as progress_bar
 
 
 def _percentile_ci(samples: Tensor, ci: float) -> tuple[float, float]:
@@ -157,7 +157,9 @@ def paired_bootstrap_fid_delta(
     g = torch.Generator().manual_seed(seed)
     chunk = _chunk_size(max(n, m), d)
     deltas = []
-    with tqdm(total=num_resamples, desc="bootstrap FID delta", disable=not progress) as bar:
+    # Nested: it runs inside the evaluate stage, whose start and end are logged.
+    with progress_bar(total=num_resamples, desc="bootstrap FID delta", unit="resample", nested=True,
+                      disable=not progress) as bar:
         for start in range(0, num_resamples, chunk):
             num = min(chunk, num_resamples - start)
             counts = _resample_counts(n, num, g)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -99,6 +100,14 @@ def _download_hint(arch: str, pretrained: str | None) -> str:
     return f"the {arch}/{pretrained} checkpoint: " + " or ".join(hints)
 
 
+def clip_weights(arch: str, pretrained: str | None, weights_path: str | os.PathLike | None) -> Path:
+    """`weights_path` if it is a file, else FileNotFoundError saying which checkpoint to get (eval.clip_weights)."""
+    if weights_path is not None and Path(weights_path).is_file():
+        return Path(weights_path)   # the hint below imports open_clip (seconds): only when it is needed
+    return require_weights_file(weights_path, f"CLIP weights for {arch}", _download_hint(arch, pretrained),
+                                "eval.clip_weights")
+
+
 def load_openclip(
     arch: str = "ViT-L-14-quickgelu",
     pretrained: str | None = "openai",
@@ -113,8 +122,7 @@ def load_openclip(
     """
     import open_clip
 
-    hint = _download_hint(arch, pretrained)
-    path = require_weights_file(weights_path, f"CLIP weights for {arch}", hint, "eval.clip_weights")
+    path = clip_weights(arch, pretrained, weights_path)
     cfg = open_clip.get_pretrained_cfg(arch, pretrained) if pretrained else {}
     model = open_clip.create_model(
         arch, pretrained=str(path), device=device, force_quick_gelu=bool(cfg.get("quick_gelu", False))

@@ -145,6 +145,15 @@ def _fmt(value: float | None, spec: str) -> str:
     return "inf" if math.isinf(value) else format(value, spec)
 
 
+def format_header(config: Mapping, num_prompts: int) -> str:
+    """The line above the table: what was measured (model, sampler, quantizer, K, prompts)."""
+    s = config["sampler"]
+    k = config["calib"]["num_runs"] if config.get("corrector") else "-"   # K only matters with a corrector
+    return (f"qdrift  model={config['model']['name']}  sampler={s['name']} ({s['steps']} steps, "
+            f"CFG {float(s['guidance']):g})  quant={config['quant']['name']}  K={k}  "
+            f"prompts={num_prompts} ({config['eval']['prompt_set']})")
+
+
 def format_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     """A compact aligned text table, one row per variant (``-`` where a metric was not computed)."""
     header = ["variant", "FID", "KIDx1e3", "CLIP", "FID vs FP", "PSNR vs FP", "SSIM vs FP", "LPIPS vs FP"]

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Protocol
 
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from qdrift.cache import file_sha256
 from qdrift.eval.clip_score import clip_preprocess
 from qdrift.eval.images import image_indices, iter_same_size_batches
 from qdrift.eval.weights import require_weights_file
+from qdrift.progress import progress
 
 # The Inception-v3 FID weights (converted from the 2015-12-05 TensorFlow graph) that torch-fidelity
 # downloads. pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` carries the same hash suffix and both
@@ -33,6 +35,16 @@ INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.
 INCEPTION_ALT_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 )
+
+
+def inception_weights(path: str | os.PathLike | None) -> Path:
+    """`path` if it is a file, else FileNotFoundError saying where to get it (eval.inception_weights)."""
+    return require_weights_file(
+        path,
+        f"The FID Inception-v3 weights file ({INCEPTION_FILE})",
+        f"{INCEPTION_URL} (or pytorch-fid's {INCEPTION_ALT_URL})",
+        "eval.inception_weights",
+    )
 
 
 class FeatureExtractor(Protocol):
@@ -52,10 +64,12 @@ def module_fingerprint(module: nn.Module) -> str:
 
 
 def _batched(fn, images: Tensor, batch_size: int, desc: str) -> Tensor:
-    """Run `fn` over `images` in batches (a progress bar only when there is more than one batch)."""
+    """Run `fn` over `images` in batches (a terminal bar only when there is more than one batch: it runs
+    inside `feature_cache`'s bar)."""
     starts = range(0, images.shape[0], batch_size)
     with torch.no_grad():
-        out = [fn(images[s : s + batch_size]).cpu() for s in tqdm(starts, desc=desc, disable=len(starts) <= 1)]
+        out = [fn(images[s : s + batch_size]).cpu()
+               for s in progress(starts, desc=desc, unit="batch", nested=True, disable=len(starts) <= 1)]
     return torch.cat(out)
 
 
@@ -74,12 +88,7 @@ class InceptionFeatures:
     ):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        path = require_weights_file(
-            weights_path,
-            f"The FID Inception-v3 weights file ({INCEPTION_FILE})",
-            f"{INCEPTION_URL} (or pytorch-fid's {INCEPTION_ALT_URL})",
-            "eval.inception_weights",
-        )
+        path = inception_weights(weights_path)
         try:
             self.model = FeatureExtractorInceptionV3(
                 "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
@@ -146,28 +155,40 @@ class PixelFeatures:
 
 
 def _listing_key(directory: Path, indices: list[int], extractor: FeatureExtractor) -> str:
-    """Hash of the image files (name, size, mtime) plus the extractor's identity."""
+    """Hash of the image files' contents plus the extractor's identity (a copy of the same images
+    has the same key; an edited image, even with its old size and time, does not)."""
     h = hashlib.sha256(f"{extractor.name}|{getattr(extractor, 'fingerprint', '')}".encode())
     for i in indices:
-        st = (directory / f"{i}.png").stat()
-        h.update(f"|{i}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(f"|{i}:{file_sha256(directory / f'{i}.png')}".encode())
     return h.hexdigest()
 
 
-def _cache_key(path: Path) -> str | None:
-    """The key stored in a cache file; None if it is unreadable (then it is recomputed and overwritten)."""
+def _cached_features(path: Path, key: str) -> Tensor | None:
+    """The features stored at `path` if they were made for `key` and their bytes match the checksum
+    written with them; None otherwise (then they are recomputed and overwritten)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("key")
-    except (OSError, SafetensorError):
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return None
+        feats = load_file(str(path))["features"]
+    except (OSError, SafetensorError, KeyError):
         return None
+    if meta.get("sha256") != _tensor_sha256(feats):
+        warnings.warn(f"feature cache {path} does not match its checksum (altered); recomputing it")
+        return None
+    return feats
+
+
+def _tensor_sha256(t: Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def feature_cache(directory: str | Path, extractor: FeatureExtractor, batch_size: int = 64) -> Tensor:
     """Features of all ``<index>.png`` in `directory`, rows in ascending index order, computed once.
 
-    Stored as ``<directory>/features-<extractor.name>.safetensors`` with a key over the file listing
-    (names, sizes, mtimes) and the extractor's fingerprint; any change recomputes. Written to a temp
+    Stored as ``<directory>/features-<extractor.name>.safetensors`` with a key over the images'
+    contents and the extractor's fingerprint, and a checksum of the features; any change recomputes. Written to a temp
     file and moved into place, so a crash never leaves a truncated cache. Images are streamed in
     batches, so large sets never sit in memory at once.
     """
@@ -175,14 +196,17 @@ def feature_cache(directory: str | Path, extractor: FeatureExtractor, batch_size
     indices = image_indices(d)
     key = _listing_key(d, indices, extractor)
     path = d / f"features-{extractor.name}.safetensors"
-    if path.is_file() and _cache_key(path) == key:
-        return load_file(str(path))["features"]
+    cached = _cached_features(path, key) if path.is_file() else None
+    if cached is not None:
+        return cached
     chunks = [
         extractor(images)
-        for _, images in tqdm(
+        for _, images in progress(
             iter_same_size_batches(d, indices, batch_size),
             total=-(-len(indices) // batch_size),
             desc=f"{extractor.name} features of {d.name}",
+            unit="batch",
+            nested=False,
             disable=len(indices) <= batch_size,
         )
     ]
@@ -190,7 +214,8 @@ def feature_cache(directory: str | Path, extractor: FeatureExtractor, batch_size
     fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({"features": feats, "indices": torch.tensor(indices)}, tmp, metadata={"key": key})
+        save_file({"features": feats, "indices": torch.tensor(indices)}, tmp,
+                  metadata={"key": key, "sha256": _tensor_sha256(feats)})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

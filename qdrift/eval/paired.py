@@ -44,6 +44,12 @@ def ssim(images: Tensor, fp_images: Tensor) -> Tensor:
     return values.double()
 
 
+def lpips_weights(weights_path: str | os.PathLike | None):
+    """`weights_path` if it is a file, else FileNotFoundError saying what to download (eval.lpips_weights)."""
+    what = f"LPIPS AlexNet backbone ({LPIPS_BACKBONE_FILE})"
+    return require_weights_file(weights_path, what, LPIPS_BACKBONE_URL, "eval.lpips_weights")
+
+
 def load_lpips(weights_path: str | os.PathLike | None, device: str | torch.device = "cpu") -> nn.Module | None:
     """LPIPS (AlexNet) with the backbone from a local torchvision `alexnet` state dict, or None.
 
@@ -51,8 +57,7 @@ def load_lpips(weights_path: str | os.PathLike | None, device: str | torch.devic
     a randomly initialised backbone would give numbers that look real but are not.
     """
     try:
-        what = f"LPIPS AlexNet backbone ({LPIPS_BACKBONE_FILE})"
-        path = require_weights_file(weights_path, what, LPIPS_BACKBONE_URL, "eval.lpips_weights")
+        path = lpips_weights(weights_path)
     except FileNotFoundError as e:
         warnings.warn(f"LPIPS skipped: {e}", stacklevel=2)
         return None

@@ -51,6 +51,44 @@ def load_pipeline(model_cfg, device: torch.device):
     return pipe
 
 
+def check_available(model_cfg) -> None:
+    """Raise ModelUnavailable now, without network, where `load_pipeline` would not find the weights."""
+    if model_cfg.source == "bench":
+        from qdrift.bench import WEIGHTS_DIR, weights_available
+        from qdrift.bench.configs import GENERATORS
+
+        if model_cfg.name not in GENERATORS:
+            raise ModelUnavailable(f"model.source=bench has no model {model_cfg.name!r}; bench models: {GENERATORS}")
+        if not weights_available():
+            raise ModelUnavailable(f"the bench weights in {WEIGHTS_DIR} are incomplete; reinstall qdrift or "
+                                   "regenerate them (experiments/train_bench.py, README bench section)")
+    if model_cfg.source != "hub":
+        return
+    local = model_cfg.get("local_path")
+    if local:
+        if not (Path(local) / "model_index.json").is_file():
+            raise ModelUnavailable(f"model.local_path={local} is not a diffusers snapshot (no model_index.json). "
+                                   + download_hint(model_cfg))
+        return
+    if model_cfg.get("allow_download", False):
+        return   # from_pretrained may fetch it; nothing to check offline
+    from huggingface_hub import try_to_load_from_cache
+
+    revision = model_cfg.get("revision", "main")
+    if not isinstance(try_to_load_from_cache(model_cfg.hub_id, "model_index.json", revision=revision), str):
+        raise ModelUnavailable(f"{model_cfg.name}: {model_cfg.hub_id} (revision {revision}) is not in the Hugging Face "
+                               "cache and model.allow_download=false. " + download_hint(model_cfg))
+
+
+def download_hint(model_cfg) -> str:
+    """How to get the weights onto a machine without network (`hf` is huggingface_hub's command line)."""
+    name, repo = model_cfg.name, model_cfg.hub_id
+    return (f"Download the weights on a machine with network access: `hf download {repo} --revision "
+            f"{model_cfg.get('revision', 'main')} --local-dir /path/to/{name}` (gated models need `hf auth login` "
+            f"first), then run with model.local_path=/path/to/{name}, or set model.allow_download=true where the "
+            "hub is reachable.")
+
+
 def _from_hub(model_cfg, class_name: str, dtype: torch.dtype):
     cls = getattr(diffusers, class_name)
     where = model_cfg.get("local_path") or model_cfg.hub_id
@@ -65,11 +103,5 @@ def _from_hub(model_cfg, class_name: str, dtype: torch.dtype):
     try:
         return cls.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as err:
-        raise ModelUnavailable(
-            f"{model_cfg.name}: weights for {model_cfg.hub_id} are not available offline ({type(err).__name__}). "
-            f"Download them on a machine with network access: "
-            f"`huggingface-cli download {model_cfg.hub_id} --revision {model_cfg.get('revision', 'main')} "
-            f"--local-dir /path/to/{model_cfg.name}` (gated models need `huggingface-cli login` first), "
-            f"then run with model.local_path=/path/to/{model_cfg.name}, or set model.allow_download=true "
-            f"where the hub is reachable."
-        ) from err
+        raise ModelUnavailable(f"{model_cfg.name}: weights for {model_cfg.hub_id} are not available offline "
+                               f"({type(err).__name__}). " + download_hint(model_cfg)) from err

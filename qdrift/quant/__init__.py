@@ -10,15 +10,16 @@ that keep the original modules (for FP mode and undo).
     with quant_enabled(denoiser, False): ...     # original FP layers
     dequantize(denoiser)                         # undo
 """
-from .api import QuantInfo, is_implemented, quantize
+from .api import QuantInfo, algorithm_version, is_implemented, quantize
 from .layers import FakeQuantLayer, dequantize, fake_quant_layers, quant_enabled
 from .report import LayerRecord, QuantReport
 from .select import KEYS, LayerSite, rules_for, select_layers
 from .spec import MixDQSpec, QuantizerSpec, QuantSpec, SVDQuantSpec
-from .state import load_quant_state, quant_cache_key, read_header, save_quant_state
+from .state import QuantStateMismatch, load_quant_state, quant_cache_key, read_header, save_quant_state
 
 __all__ = [
     "KEYS", "FakeQuantLayer", "LayerRecord", "LayerSite", "MixDQSpec", "QuantInfo", "QuantReport", "QuantSpec",
-    "QuantizerSpec", "SVDQuantSpec", "dequantize", "fake_quant_layers", "is_implemented", "load_quant_state",
-    "quant_cache_key", "quant_enabled", "quantize", "read_header", "rules_for", "save_quant_state", "select_layers",
+    "QuantStateMismatch", "QuantizerSpec", "SVDQuantSpec", "algorithm_version", "dequantize", "fake_quant_layers",
+    "is_implemented", "load_quant_state", "quant_cache_key", "quant_enabled", "quantize", "read_header", "rules_for",
+    "save_quant_state", "select_layers",
 ]

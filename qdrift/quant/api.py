@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import mixdq, rtn, svdquant
 from .layers import fake_quant_layers
 from .mixdq import run_mixdq
 from .report import LayerRecord, QuantReport
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 
 Calibrate = Callable[[int], torch.Tensor]
 PASSES = {"svdquant": run_svdquant, "mixdq": run_mixdq, "rtn": run_rtn}
+VERSIONS = {"none": 1, "svdquant": svdquant.ALGORITHM_VERSION, "mixdq": mixdq.ALGORITHM_VERSION,
+            "rtn": rtn.ALGORITHM_VERSION}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,11 @@ class QuantInfo:
 
 def is_implemented(spec: QuantSpec) -> bool:
     return spec.method == "none" or spec.method in PASSES
+
+
+def algorithm_version(spec: QuantSpec) -> str:
+    """The code version of the method that makes `spec`'s state, e.g. "svdquant/2": a cache-key field."""
+    return f"{spec.method}/{VERSIONS[spec.method]}"
 
 
 def _records(model: nn.Module, sites: list[LayerSite]) -> dict[str, LayerRecord]:

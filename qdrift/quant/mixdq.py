@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+
+from qdrift.progress import progress as progress_bar
 
 from .bitalloc import allocate_bits
 from .layers import replace_module
@@ -34,6 +35,13 @@ from .select import LayerSite
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
+
+# Part of the quantized state's cache key: bump when a change alters the quantized state (here or in
+# the primitives, layers and helpers this pass calls).
+# Its final and probe layers are rtn's `minmax_layer`: a change there bumps both.
+# 2: a constant divides as a product with its float32 reciprocal on every device (primitives.div_const);
+# the activation kernel rounds as the reference (sensitivity runs on CUDA use it).
+ALGORITHM_VERSION = 2
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
@@ -91,7 +99,7 @@ def run_mixdq(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, calibra
     jobs = [(s, "w", b) for s in targets for b in w_measure] + [(s, "a", b) for s in act_sites for b in a_measure]
     ref = calibrate(n_sens) if jobs else None
     sens: dict[tuple[str, str, int], float] = {}
-    for s, kind, b in tqdm(jobs, desc=f"{spec.name}: sensitivity", disable=not progress):
+    for s, kind, b in progress_bar(jobs, desc=f"{spec.name}: sensitivity", nested=True, disable=not progress):
         orig = model.get_submodule(s.name)
         probe = minmax_layer(orig, s, spec, b if kind == "w" else 16, b if kind == "a" else 16,
                              observers.get(s.name), bos_fp=bos[s.name])

@@ -5,6 +5,11 @@ same function runs at quantize time and when a saved state is loaded, so both gi
 weights. Activations are fake-quantized on every call by `fake_quant_act`, vectorised over
 groups (reshape + amax + round, no Python loop over groups).
 
+Division by a constant is written `div_const(a, d)` = a * float32(1/d), never `a / d`: for a Python
+number d PyTorch's CUDA kernels compute that product while its CPU kernels divide, so `a / d` could
+give other codes on another device. Divisions by tensors (x / scale) are IEEE-correctly rounded on
+every device, and the Triton kernels mirror both (`div_rn`, the same reciprocal constants).
+
 Conventions: the quantized ("reduction") dimension is the last one. A weight of a Linear is
 (out, in); a Conv2d weight is brought to (out, kh, kw, in) before grouping so that groups run
 along input channels, as the kernels of SVDQuant do.
@@ -22,6 +27,12 @@ E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)   # magnitudes representabl
 E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 _TINY = 1e-12
+
+
+def div_const(a: torch.Tensor, d: float) -> torch.Tensor:
+    """a / d for a constant d as a * float32(1/d) on every device (PyTorch's CUDA kernels compute `a / d`
+    so; its CPU kernels divide)."""
+    return a * (1.0 / d)
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -87,11 +98,11 @@ def _restore_layout(w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 def _group_codes(g: torch.Tensor, spec: QuantizerSpec, ts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric codes and scales of groups g (..., n, size); ts: NVFP4 tensor scale (broadcastable)."""
     if spec.fmt == "nvfp4":
-        s = round_e4m3(g.abs().amax(-1, keepdim=True) / E2M1_MAX / ts)
+        s = round_e4m3(div_const(g.abs().amax(-1, keepdim=True), E2M1_MAX) / ts)
         return round_e2m1(g / (s * ts).clamp_min(_TINY)) * 2, s
     qmin, qmax = int_range(spec.bits, signed=True)
     amax = g.abs().amax(-1, keepdim=True)
-    s = amax / qmax
+    s = div_const(amax, qmax)
     s = _fp16_scale(s, amax, qmax) if spec.granularity == "group" else s
     s = torch.where(s > 0, s, torch.ones_like(s))
     return torch.clamp(torch.round(g / s), qmin, qmax), s
@@ -102,7 +113,7 @@ def _dequant(codes: torch.Tensor, s: torch.Tensor, ts: torch.Tensor | None) -> t
 
 
 def _nvfp4_tensor_scale(x: torch.Tensor, dims) -> torch.Tensor:
-    return (x.abs().amax(dims, keepdim=True) / (E2M1_MAX * E4M3_MAX)).clamp_min(_TINY)
+    return div_const(x.abs().amax(dims, keepdim=True), E2M1_MAX * E4M3_MAX).clamp_min(_TINY)
 
 
 def _weight_groups(x: torch.Tensor, spec: QuantizerSpec) -> tuple[torch.Tensor, int]:
@@ -170,7 +181,7 @@ def fake_quant_act(
             lo, hi = xf.amin(dims, keepdim=batched), xf.amax(dims, keepdim=batched)
         qmin, qmax = int_range(spec.bits, signed=False)
         lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)   # keep 0 exactly representable
-        s = ((hi - lo) / qmax).clamp_min(_TINY)
+        s = div_const(hi - lo, qmax).clamp_min(_TINY)
         zp = torch.round(-lo / s)
         q = (torch.clamp(torch.round(xf / s) + zp, qmin, qmax) - zp) * s
         return q.to(x.dtype)
@@ -179,13 +190,13 @@ def fake_quant_act(
         if hi is None:
             ts = _nvfp4_tensor_scale(g, tuple(range(1 if batched else 0, g.dim())))
         else:
-            ts = (hi.to(torch.float32) / (E2M1_MAX * E4M3_MAX)).clamp_min(_TINY)
-        s = round_e4m3(g.abs().amax(-1, keepdim=True) / E2M1_MAX / ts)
+            ts = div_const(hi.to(torch.float32), E2M1_MAX * E4M3_MAX).clamp_min(_TINY)
+        s = round_e4m3(div_const(g.abs().amax(-1, keepdim=True), E2M1_MAX) / ts)
         eff = (s * ts).clamp_min(_TINY)
         q = round_e2m1(g / eff) * eff
     else:
         qmin, qmax = int_range(spec.bits, signed=not unsigned)
         amax = g.clamp_min(0).amax(-1, keepdim=True) if unsigned else g.abs().amax(-1, keepdim=True)
-        s = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+        s = torch.where(amax > 0, div_const(amax, qmax), torch.ones_like(amax))
         q = torch.clamp(torch.round(g / s), qmin, qmax) * s
     return _ungrouped(q, c).to(x.dtype)

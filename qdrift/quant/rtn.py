@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 
 from torch import nn
-from tqdm.auto import tqdm
+
+from qdrift.progress import progress as progress_bar
 
 from .layers import FakeQuantLayer, replace_module
 from .observers import InputObserver, observing
@@ -18,6 +19,11 @@ from .select import LayerSite
 from .spec import QuantSpec
 
 log = logging.getLogger(__name__)
+
+# Part of the quantized state's cache key: bump when a change alters the quantized state (here or in
+# the primitives, layers and helpers this pass calls).
+# 2: a constant divides as a product with its float32 reciprocal on every device (primitives.div_const).
+ALGORITHM_VERSION = 2
 
 
 def observe_ranges(model: nn.Module, sites: list[LayerSite], calibrate, n_prompts: int,
@@ -51,7 +57,7 @@ def run_rtn(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, calibrate
             progress: bool) -> None:
     targets = [s for s in sites if s.role != "fp16"]
     observers = observe_ranges(model, [s for s in targets if s.role == "quant"], calibrate, spec.calib_prompts)
-    for s in tqdm(targets, desc=f"{spec.name}: quantizing", disable=not progress):
+    for s in progress_bar(targets, desc=f"{spec.name}: quantizing", nested=True, disable=not progress):
         layer = minmax_layer(model.get_submodule(s.name), s, spec, spec.weights.bits, spec.acts.bits,
                              observers.get(s.name))
         replace_module(model, s.name, layer)

@@ -2,13 +2,16 @@
 
 The file holds what the passes computed, not the dequantized weights: per layer the packed
 codes (two 4-bit codes per byte up to 4 bits), scales, smoothing factors, low-rank factors and
-static activation ranges. Loading rebuilds the same `FakeQuantLayer`s on a fresh FP denoiser
-with the same dequantization code, so outputs are bit-identical and no calibration runs.
+static activation ranges, plus a digest of the FP weights the layer was quantized from. Loading
+checks those digests, then rebuilds the same `FakeQuantLayer`s on a fresh FP denoiser with the
+same dequantization code, so outputs are bit-identical and no calibration runs.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -25,30 +28,36 @@ from .report import QuantReport
 from .select import select_layers
 from .spec import QuantizerSpec, QuantSpec
 
-FORMAT_VERSION = 1
-_E2M1_X2 = torch.tensor([int(2 * v) for v in E2M1_GRID])   # codes store 2x the E2M1 value
+FORMAT_VERSION = 2   # 2: per-layer weight digests
+_E2M1_X2 = torch.tensor([int(2 * v) for v in E2M1_GRID])   # codes store 2x the E2M1 value (a CPU constant)
+
+
+class QuantStateMismatch(ValueError):
+    """A saved state does not belong to the denoiser it is loaded into (other layers, shapes or weights)."""
 
 
 # ------------------------------------------------------------------------------------------ packing
 def _to_nibbles(codes: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
     """Codes -> unsigned 4-bit values: int levels offset by -qmin; E2M1 as sign bit + grid index."""
     if spec.fmt == "nvfp4":
-        idx = (codes.abs().to(torch.int64).unsqueeze(-1) == _E2M1_X2).to(torch.uint8).argmax(-1).to(torch.uint8)
+        grid = _E2M1_X2.to(codes.device)
+        idx = (codes.abs().to(torch.int64).unsqueeze(-1) == grid).to(torch.uint8).argmax(-1).to(torch.uint8)
         return idx + 8 * (codes < 0).to(torch.uint8)
     return (codes.to(torch.int16) - int_range(spec.bits, True)[0]).to(torch.uint8)
 
 
 def _from_nibbles(u: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
     if spec.fmt == "nvfp4":
-        mag = _E2M1_X2[(u & 7).to(torch.int64)]
+        mag = _E2M1_X2.to(u.device)[(u & 7).to(torch.int64)]
         return torch.where(u >= 8, -mag, mag).to(torch.int8)
     return (u.to(torch.int16) + int_range(spec.bits, True)[0]).to(torch.int8)
 
 
 def pack_codes(codes: torch.Tensor, spec: QuantizerSpec) -> torch.Tensor:
-    flat = codes.reshape(-1)
+    """Two 4-bit codes per byte (up to 4 bits and an even count), else the int8 codes; on the CPU."""
+    flat = codes.detach().cpu().reshape(-1)
     if spec.bits > 4 or flat.numel() % 2:
-        return codes
+        return flat.reshape(codes.shape)
     u = _to_nibbles(flat, spec)
     return u[0::2] | (u[1::2] << 4)
 
@@ -60,6 +69,19 @@ def unpack_codes(data: torch.Tensor, spec: QuantizerSpec, shape: Sequence[int]) 
     return _from_nibbles(u, spec).reshape(shape)
 
 
+def weight_digest(layer: nn.Module) -> str:
+    """sha256 (32 hex digits) of a layer's weight and bias as loaded: dtype, shape and bytes, on the CPU."""
+    h = hashlib.sha256()
+    for slot in ("weight", "bias"):
+        t = getattr(layer, slot, None)
+        if t is None:
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{slot}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
 # ------------------------------------------------------------------------------------------ save / load
 def save_quant_state(denoiser: nn.Module, path: str | Path) -> Path:
     """Write the fake-quant state of a denoiser quantized by `quantize` (or loaded)."""
@@ -69,8 +91,9 @@ def save_quant_state(denoiser: nn.Module, path: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     layers = {}
     for name, m in fake_quant_layers(denoiser):
-        meta = dict(kind=m.kind, weight_shape=list(m.orig.weight.shape), act_shift=m.act_shift, bos_fp=m.bos_fp,
-                    act=asdict(m.act_spec) if m.act_spec is not None else None, w=None)
+        meta = dict(kind=m.kind, weight_shape=list(m.orig.weight.shape), digest=weight_digest(m.orig),
+                    act_shift=m.act_shift, bos_fp=m.bos_fp, act=asdict(m.act_spec) if m.act_spec is not None else None,
+                    w=None)
         q = m.qweight
         if q is not None:
             meta.update(w=asdict(q.spec), codes_shape=list(q.codes.shape), q_shape=list(q.shape))
@@ -87,10 +110,31 @@ def save_quant_state(denoiser: nn.Module, path: str | Path) -> Path:
                   family=info.family, layers=layers, report=info.report.to_dict())
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"qdrift": json.dumps(header)})
-    tmp.replace(path)   # a crash never leaves a half-written cache entry
+    # A temp file of its own per writer (two writers never share one), renamed over the target:
+    # a crash never leaves a half-written cache entry.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"qdrift": json.dumps(header)})
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes it 0600; a cache is shared as other files are
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask can only swap it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_header(path: str | Path) -> dict:
@@ -114,14 +158,7 @@ def load_quant_state(denoiser: nn.Module, spec: QuantSpec, family: str, path: st
         raise ValueError(f"{path} was made for model family {header['family']!r}, not {family!r}")
     if any(True for _ in fake_quant_layers(denoiser)):
         raise RuntimeError("the denoiser is already quantized; call dequantize() first")
-    known = {s.name for s in select_layers(denoiser, family, spec.skip)}
-    missing = sorted(set(header["layers"]) - known)
-    if missing:
-        raise ValueError(f"{path}: layers not in this denoiser: {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    for name, meta in header["layers"].items():
-        shape = list(denoiser.get_submodule(name).weight.shape)
-        if shape != meta["weight_shape"]:
-            raise ValueError(f"{path}: {name} has weight shape {shape}, the file {meta['weight_shape']}")
+    check_weights(denoiser, header, spec, family, path)
 
     new = {}
     with safe_open(str(path), "pt") as f:
@@ -149,6 +186,24 @@ def load_quant_state(denoiser: nn.Module, spec: QuantSpec, family: str, path: st
     report = QuantReport.from_dict(header["report"])
     denoiser._qdrift_quant = QuantInfo(spec, family, report)
     return report
+
+
+def check_weights(denoiser: nn.Module, header: dict, spec: QuantSpec, family: str, path: str | Path) -> None:
+    """Raise QuantStateMismatch unless every saved layer exists here with the very weights it was made from."""
+    known = {s.name for s in select_layers(denoiser, family, spec.skip)}
+    missing = sorted(set(header["layers"]) - known)
+    if missing:
+        raise QuantStateMismatch(
+            f"{path}: layers not in this denoiser: {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    for name, meta in header["layers"].items():
+        shape = list(denoiser.get_submodule(name).weight.shape)
+        if shape != meta["weight_shape"]:
+            raise QuantStateMismatch(f"{path}: {name} has weight shape {shape}, the file {meta['weight_shape']}")
+    for name, meta in header["layers"].items():
+        digest = weight_digest(denoiser.get_submodule(name))
+        if digest != meta["digest"]:
+            raise QuantStateMismatch(f"{path}: the weights of layer {name} are not those the state was made from "
+                                     f"(digest {digest}, the file {meta['digest']})")
 
 
 def quant_cache_key(spec: QuantSpec, model_id: str, prompts: Sequence[str]) -> str:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from qdrift.progress import progress as progress_bar
 
 from .layers import FakeQuantLayer, replace_module
 from .lowrank import randomized_lowrank, top_svd
@@ -34,6 +35,11 @@ from .select import LayerSite
 from .spec import QuantizerSpec, QuantSpec
 
 log = logging.getLogger(__name__)
+
+# Part of the quantized state's cache key: bump when a change alters the quantized state (here or in
+# the primitives, layers and helpers this pass calls).
+# 2: a constant divides as a product with its float32 reciprocal on every device (primitives.div_const).
+ALGORITHM_VERSION = 2
 
 # FLUX's weight-only adaLN linears: SVDQuant uses 4-bit integer weights in groups of 64 (also under NVFP4).
 WEIGHT_ONLY_SPEC = QuantizerSpec(4, "int", "group", 64)
@@ -172,10 +178,22 @@ def act_shift_for(site: LayerSite, aspec: QuantizerSpec) -> float:
     return -site.act_lower_bound if site.act_lower_bound is not None and aspec.fmt == "int" else 0.0
 
 
+def check_rank(model: nn.Module, sites: list[LayerSite], rank: int) -> None:
+    """A branch of rank >= min(in, out) holds the whole weight: nothing would be quantized (zero error)."""
+    for s in sites:
+        w = model.get_submodule(s.name).weight
+        width = min(w.shape[0], w[0].numel())
+        if rank and rank >= width:
+            raise ValueError(f"SVDQuant rank {rank} >= width {width} of layer {s.name} ({w[0].numel()} in, "
+                             f"{w.shape[0]} out): the 16-bit branch would hold the whole weight; set quant.rank=N "
+                             f"with N < {width}, or the model's svdquant_rank")
+
+
 def run_svdquant(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, calibrate, records: dict,
                  progress: bool) -> None:
     svd = spec.svdquant
     searched = [s for s in sites if s.role == "quant" and s.kind != "conv"]
+    check_rank(model, searched, svd.rank)   # before the calibration run, not after it
     act_only = [s for s in sites if s.role == "quant" and s.kind == "conv"]
     offload = "cpu" if next(model.parameters()).is_cuda else None   # samples wait on the host
     observers = {s.name: InputObserver(svd.calib_tokens, seed=spec.seed, name=s.name, store_device=offload)
@@ -184,7 +202,7 @@ def run_svdquant(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, cali
         calibrate(spec.calib_prompts)
 
     todo = searched + act_only + [s for s in sites if s.role == "weight_only"]
-    for s in tqdm(todo, desc=f"{spec.name}: quantizing", disable=not progress):
+    for s in progress_bar(todo, desc=f"{spec.name}: quantizing", nested=True, disable=not progress):
         orig = model.get_submodule(s.name)
         rec = records[s.name]
         if s.role == "weight_only":

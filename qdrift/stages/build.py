@@ -1,6 +1,7 @@
-"""build: load the model's pipeline and set up the sampler's scheduler."""
+"""build: load the model's pipeline, record what weights it holds, and set up the sampler's scheduler."""
 from __future__ import annotations
 
+from qdrift.models.identity import weights_identity
 from qdrift.models.loaders import load_pipeline
 from qdrift.samplers import make_scheduler
 
@@ -8,6 +9,7 @@ from qdrift.samplers import make_scheduler
 def build(ctx) -> None:
     cfg = ctx.cfg
     ctx.pipe = load_pipeline(cfg.model, ctx.device)
+    ctx.weights = weights_identity(cfg.model, ctx.pipe)   # joins every cache key below
     ctx.base_scheduler = make_scheduler(cfg.sampler.name, ctx.pipe.scheduler, cfg.model.prediction,
                                         dict(cfg.sampler.get("options") or {}))
     ctx.pipe.scheduler = ctx.base_scheduler

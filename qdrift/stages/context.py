@@ -20,6 +20,19 @@ log = logging.getLogger("qdrift")
 QUANT_SEED_OFFSET = 5_000_000   # PTQ calibration image j: calib.seed + QUANT_SEED_OFFSET + j
 
 
+def device_kind(device: torch.device) -> str:
+    """The device as far as it can change floating-point results: another GPU model may round differently."""
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def batches(n: int, size: int) -> list[list[int]]:
+    """Fixed batch boundaries [0, size), [size, 2 size), ...; the last batch is padded to `size` indices
+    (past n) so that every batch, and so every floating-point result, is the same whatever n is."""
+    return [list(range(start, start + size)) for start in range(0, n, size)]
+
+
 @dataclass
 class RunContext:
     cfg: DictConfig
@@ -30,6 +43,10 @@ class RunContext:
     family: Family = field(init=False)
     pipe: object = None
     base_scheduler: object = None       # the sampler's plain scheduler (FP and quantized variants)
+    weights: dict | None = None         # identity of the loaded weights (models/identity.py), set by build
+    quant_art: object = None            # the quantize stage's Artifact (None without quantization)
+    stats_key: str | None = None        # the calibrate stage's blocks + K (stages/calibrate.py)
+    batch_prompts: list[str] = field(default_factory=list)   # prompts padded to whole batches
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -53,21 +70,16 @@ class RunContext:
     def quantized(self) -> bool:
         return self.cfg.quant.method != "none"
 
-    # --- config subsets that key the caches ---------------------------------------------------
+    # --- what keys the caches (keys chain: see qdrift/cache.py) ------------------------------
     def model_key(self) -> dict:
-        m = plain(self.cfg.model)
-        return {k: m.get(k) for k in ("name", "family", "source", "hub_id", "revision", "local_path", "variant")} | {
-            "device": self.device.type, "dtype": str(self.dtype)}
+        """The model config, where it runs and the identity of the weights actually loaded (set by build)."""
+        if self.weights is None:
+            raise RuntimeError("the model's weights identity is known only after the build stage")
+        return {"model": plain(self.cfg.model), "device": device_kind(self.device), "dtype": str(self.dtype),
+                "weights": self.weights}
 
     def sampling_key(self) -> dict:
-        s = plain(self.cfg.sampler)
-        return self.model_key() | {
-            "sampler": s["name"], "steps": s["steps"], "guidance": float(s["guidance"]), "options": s.get("options") or {},
-            "resolution": self.cfg.model.resolution, "max_sequence_length": self.cfg.model.get("max_sequence_length"),
-        }
-
-    def quant_key(self) -> dict | None:
-        return plain(self.cfg.quant) if self.quantized else None
+        return self.model_key() | {"sampler": plain(self.cfg.sampler)}
 
     def settings(self) -> dict:
         """What Q-Drift statistics must agree on with the run that uses them."""

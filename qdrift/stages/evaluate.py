@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from qdrift.cache import Artifact, link_or_copy, text_hash
+from qdrift.cache import Artifact, copy_file, text_hash
 from qdrift.eval import ClipImageFeatures, ClipScorer, InceptionFeatures, PixelFeatures, evaluate_variants, load_openclip
 
 log = logging.getLogger("qdrift")
@@ -39,23 +39,24 @@ def _bench_clip(ctx):
     return ctx._bench_clip
 
 
+REFERENCES_VERSION = 1   # bump when a change to reference rendering alters the images
+METRIC_BATCH = 32        # fixed, so per-image metrics never depend on the run's batch size
+
+
 def reference_dir(ctx) -> Path | None:
-    """References for the evaluation prompts, cached once and linked into the run dir (index-aligned)."""
+    """References for the evaluation prompts, cached once and copied into the run dir (index-aligned)."""
     e = ctx.cfg.eval
     if e.reference == "none":
         return None
     res = int(ctx.cfg.model.resolution)
-    art = Artifact(ctx.cache_dir, "references", {"prompt_set": e.prompt_set, "prompts": text_hash(ctx.prompts),
-                                                  "resolution": res, "source": e.reference})
-    missing = [i for i in range(len(ctx.prompts)) if not (art.path / f"{i}.png").is_file()]
-    if missing:
-        art.path.mkdir(parents=True, exist_ok=True)
-        ctx.prompt_set.write_references(missing, ctx.prompts, art.path, res)
-    if not art.manifest_path.is_file():
-        art.finish(count=len(ctx.prompts))
+    n = len(ctx.prompts)
+    art = Artifact(ctx.cache_dir, "references", {
+        "prompt_set": e.prompt_set, "prompts": text_hash(ctx.prompts), "resolution": res, "source": e.reference,
+        "mjhq_dir": e.get("mjhq_dir"), "code": REFERENCES_VERSION})
+    art.ensure(lambda staging: ctx.prompt_set.write_references(list(range(n)), ctx.prompts, staging, res))
     dst = ctx.run_dir / "references"
-    for i in range(len(ctx.prompts)):
-        link_or_copy(art.path / f"{i}.png", dst / f"{i}.png")
+    for i in range(n):
+        copy_file(art.file(f"{i}.png"), dst / f"{i}.png")
     return dst
 
 
@@ -65,5 +66,5 @@ def evaluate_stage(ctx, dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
         dirs, ctx.prompts, reference_dir(ctx), feature_extractor(ctx), clip_scorer(ctx),
         fp="fp", baseline="quant", num_resamples=int(e.num_resamples), seed=int(ctx.cfg.seed),
         kid_subset_size=min(int(e.kid_subset_size), len(ctx.prompts)), lpips_weights=e.get("lpips_weights"),
-        batch_size=max(16, int(ctx.cfg.batch_size)), device=ctx.device,
+        batch_size=METRIC_BATCH, device=ctx.device,
     )

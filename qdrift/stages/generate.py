@@ -1,25 +1,28 @@
 """generate: the evaluation prompts once per variant (FP, quantized, each corrector), same seeds.
 
-Images are cached per variant in `<cache>/images/<key>/<index>.png`, written one by one
-(atomically) in fixed batches, so a killed run resumes where it stopped and produces the same
-images, and a sweep over K reuses the FP and quantized images. The run dir gets hard links.
+Images are made in fixed batches of `batch_size` (image i in batch i // batch_size; the last batch
+is padded with the following prompts, so a batch is the same computation whatever the prompt
+count). Each batch is a cached artifact keyed by its prompts and seeds, the model and sampler, the
+quantized state's key and, for a corrector, its settings and the statistics' key. A killed run
+resumes at the first missing batch with the same images; a sweep over K reuses the FP and quantized
+batches. The run dir gets copies, never links into the cache.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-from qdrift.cache import Artifact, atomic_save_image, link_or_copy, plain
-from qdrift.drift import CalibrationPool, make_corrector, wrap_scheduler
+from qdrift.cache import Artifact, atomic_save_image, copy_file, plain
+from qdrift.drift import CORRECTOR_VERSIONS, CalibrationPool, make_corrector, wrap_scheduler
+from qdrift.progress import progress
 from qdrift.prompts import to_pil
 from qdrift.quant import quant_enabled
 
-from .calibrate import pool_artifact
+from .context import batches
 from .sampling import call_pipeline
 
 log = logging.getLogger("qdrift")
+GENERATE_VERSION = 1   # bump when a change to image making (pipeline call, PNG encoding) alters images
 
 
 def variants(ctx) -> dict[str, dict | None]:
@@ -36,41 +39,52 @@ def corrector_for(ctx, name: str, spec: dict, pool: CalibrationPool):
     return make_corrector(spec["kind"], stats, ctx.family.latent_layout, **options)
 
 
+def variant_key(ctx, spec: dict | None, quantized: bool) -> dict:
+    """Everything a variant's images depend on except the batch's prompts and seeds."""
+    key = {**ctx.sampling_key(), "quant": ctx.quant_art.key if quantized and ctx.quant_art is not None else None,
+           "batch_size": int(ctx.cfg.batch_size), "code": GENERATE_VERSION, "corrector": None}
+    if spec is not None:
+        key |= {"corrector": spec, "corrector_version": CORRECTOR_VERSIONS[spec["kind"]], "stats": ctx.stats_key}
+    return key
+
+
+def batch_artifacts(ctx, key: dict) -> list[tuple[Artifact, list[int]]]:
+    seed = int(ctx.cfg.seed)
+    return [(Artifact(ctx.cache_dir, "images", {**key, "prompts": [ctx.batch_prompts[i] for i in batch],
+                                                "seeds": [seed + i for i in batch]}, seed=seed), batch)
+            for batch in batches(len(ctx.prompts), int(ctx.cfg.batch_size))]
+
+
 def generate_stage(ctx, pool: CalibrationPool | None) -> dict[str, Path]:
     dirs = {}
     for name, spec in variants(ctx).items():
         quantized = name != "fp" and ctx.quantized
-        key = {**ctx.sampling_key(), "quant": ctx.quant_key() if quantized else None, "seed": int(ctx.cfg.seed)}
-        hook = None
-        if spec is not None:
-            hook = corrector_for(ctx, name, spec, pool)
-            key |= {"corrector": spec, "calib": pool_artifact(ctx).key, "num_runs": int(ctx.cfg.calib.num_runs)}
-        art = Artifact(ctx.cache_dir, "images", key, seed=int(ctx.cfg.seed))
-        _generate(ctx, name, art, wrap_scheduler(ctx.base_scheduler, hook), quantized)
-        dirs[name] = _expose(ctx, name, art.path)
+        hook = corrector_for(ctx, name, spec, pool) if spec is not None else None
+        arts = batch_artifacts(ctx, variant_key(ctx, spec, quantized))
+        todo = [(art, batch) for art, batch in arts if not art.verify()]
+        if not todo:
+            log.info("%s: %d images cached", name, len(ctx.prompts))
+        scheduler = wrap_scheduler(ctx.base_scheduler, hook)
+        with quant_enabled(ctx.denoiser, quantized):
+            for art, batch in progress(todo, desc=f"generate {name}", unit="batch", disable=not todo):
+                art.ensure(lambda staging, b=batch: _render(ctx, b, scheduler, staging))
+        dirs[name] = _expose(ctx, name, arts)
     return dirs
 
 
-def _generate(ctx, name: str, art: Artifact, scheduler, quantized: bool) -> None:
-    n, bs, seed = len(ctx.prompts), int(ctx.cfg.batch_size), int(ctx.cfg.seed)
-    batches = [list(range(s, min(s + bs, n))) for s in range(0, n, bs)]
-    todo = [b for b in batches if not all((art.path / f"{i}.png").is_file() for i in b)]
-    if not art.manifest_path.is_file():
-        art.finish(variant=name)  # describes the directory; completeness is per image file
-    if not todo:
-        log.info("%s: %d images cached in %s", name, n, art.path)
-        return
-    with quant_enabled(ctx.denoiser, quantized):
-        for batch in tqdm(todo, desc=f"generate {name}", unit="batch"):
-            images = call_pipeline(ctx, [ctx.prompts[i] for i in batch], [seed + i for i in batch], scheduler)
-            for i, img in zip(batch, images):
-                path = art.path / f"{i}.png"
-                if not path.is_file():
-                    atomic_save_image(to_pil(img.float()), path)
+def _render(ctx, batch: list[int], scheduler, staging: Path) -> None:
+    seed = int(ctx.cfg.seed)
+    images = call_pipeline(ctx, [ctx.batch_prompts[i] for i in batch], [seed + i for i in batch], scheduler)
+    for j, img in enumerate(images):
+        atomic_save_image(to_pil(img.float()), staging / f"{j}.png")
 
 
-def _expose(ctx, name: str, src: Path) -> Path:
+def _expose(ctx, name: str, arts) -> Path:
+    """images/<variant>/<index>.png in the run dir: copies of the evaluated images (not the padding)."""
     dst = ctx.run_dir / "images" / name
-    for i in range(len(ctx.prompts)):
-        link_or_copy(src / f"{i}.png", dst / f"{i}.png")
+    n = len(ctx.prompts)
+    for art, batch in arts:
+        for j, i in enumerate(batch):
+            if i < n:
+                copy_file(art.file(f"{j}.png"), dst / f"{i}.png")
     return dst

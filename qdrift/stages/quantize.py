@@ -4,10 +4,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 
-from qdrift.cache import Artifact, text_hash
-from qdrift.quant import QuantSpec, load_quant_state, quantize, save_quant_state
+from qdrift.cache import Artifact, plain, text_hash
+from qdrift.progress import progress
+from qdrift.quant import QuantSpec, QuantStateMismatch, algorithm_version, load_quant_state, quantize, save_quant_state
+from qdrift.quant.state import FORMAT_VERSION
 
 from .context import QUANT_SEED_OFFSET
 from .sampling import call_pipeline
@@ -15,34 +16,64 @@ from .sampling import call_pipeline
 log = logging.getLogger("qdrift")
 
 
+def quant_artifact(ctx) -> Artifact:
+    """The quantized state depends on the model and its weights, the sampler (PTQ calibration runs
+    along the model's own trajectory), every quant setting, the algorithm's code version, the exact
+    calibration prompts and seeds, and the batch size they ran in."""
+    cfg = ctx.cfg
+    spec = QuantSpec.from_config(cfg.quant)
+    return Artifact(ctx.cache_dir, "quant", {
+        **ctx.sampling_key(), "quant": plain(cfg.quant), "algorithm": algorithm_version(spec),
+        "state_format": FORMAT_VERSION, "prompts": text_hash(ptq_prompts(ctx, spec)),
+        "seed": ptq_seed(ctx), "batch_size": int(cfg.batch_size),
+    })
+
+
+def ptq_prompts(ctx, spec: QuantSpec) -> list[str]:
+    return ctx.prompt_set.calib_prompts(spec.calib_prompts)
+
+
+def ptq_seed(ctx) -> int:
+    return int(ctx.cfg.calib.seed) + QUANT_SEED_OFFSET
+
+
 def quantize_stage(ctx) -> dict | None:
     """Quantize in place; returns the quantizer's summary (None when quant=none)."""
-    cfg = ctx.cfg
     if not ctx.quantized:
         return None
-    spec = QuantSpec.from_config(cfg.quant)
-    prompts = ctx.prompt_set.calib_prompts(spec.calib_prompts)
-    seed0 = int(cfg.calib.seed) + QUANT_SEED_OFFSET
-    art = Artifact(ctx.cache_dir, "quant", {**ctx.sampling_key(), "quant": ctx.quant_key(),
-                                           "prompts": text_hash(prompts), "seed": seed0})
-    state = art.path / "state.safetensors"
-    if art.done():
-        load_quant_state(ctx.denoiser, spec, ctx.family.name, state)
-        log.info("quantized model loaded from cache %s", art.path)
-        return art.manifest().get("report")
+    spec = QuantSpec.from_config(ctx.cfg.quant)
+    art = ctx.quant_art = quant_artifact(ctx)
+    built = []
+
+    def build(staging):
+        report = quantize(ctx.denoiser, spec, ctx.family.name, _ptq_calibration(ctx, spec), progress=True)
+        save_quant_state(ctx.denoiser, staging / "state.safetensors")
+        built.append(True)
+        return {"report": report.to_dict() if hasattr(report, "to_dict") else {"summary": report.summary()}}
+
+    art.ensure(build)
+    if not built:
+        try:
+            load_quant_state(ctx.denoiser, spec, ctx.family.name, art.file("state.safetensors"))
+        except QuantStateMismatch as err:   # never run a state next to weights it was not made from
+            log.warning("cache: %s; recomputing it", err)
+            art.discard()
+            art.ensure(build)
+        else:
+            log.info("quantized model loaded from cache %s", art.path)
+    return art.manifest().get("report")
+
+
+def _ptq_calibration(ctx, spec: QuantSpec):
+    prompts, seed0, bs = ptq_prompts(ctx, spec), ptq_seed(ctx), int(ctx.cfg.batch_size)
 
     def calibrate(num_prompts: int) -> torch.Tensor:
         """Run the FP pipeline (its own trajectory) on the first `num_prompts` calibration prompts."""
         images = []
-        bs = int(cfg.batch_size)
-        # One bar for multi-batch calls; MixDQ's hundreds of one-batch sensitivity runs have their own.
-        for start in tqdm(range(0, num_prompts, bs), desc="PTQ calibration", leave=False, disable=num_prompts <= bs):
+        starts = range(0, num_prompts, bs)
+        for start in progress(starts, desc="PTQ calibration", unit="batch", nested=True, disable=len(starts) <= 1):
             idx = range(start, min(start + bs, num_prompts))
             images.append(call_pipeline(ctx, [prompts[i] for i in idx], [seed0 + i for i in idx], ctx.base_scheduler))
         return torch.cat(images)
 
-    report = quantize(ctx.denoiser, spec, ctx.family.name, calibrate, progress=True)  # logs its summary
-    save_quant_state(ctx.denoiser, art.file("state.safetensors"))
-    summary = report.to_dict() if hasattr(report, "to_dict") else {"summary": report.summary()}
-    art.finish(report=summary)
-    return summary
+    return calibrate

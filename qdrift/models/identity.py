@@ -1,0 +1,95 @@
+"""What the loaded weights are, as a cache-key field: never a name that can point at other bytes.
+
+- bench: the sha256 of each shipped file the pipeline was built from;
+- hub:   the resolved commit of the snapshot (a branch name such as `main` moves), or for a local
+         snapshot (`model.local_path`) the hub's recorded file hashes, else the files' own sha256;
+- tiny:  a digest of every tensor of the pipeline built in code.
+Digests of files are memoised per process by (path, size, mtime).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from qdrift.cache import file_sha256
+
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
+
+
+def file_digest(path: str | Path) -> str:
+    path = Path(path).resolve()
+    st = path.stat()
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        _FILE_DIGESTS[memo] = file_sha256(path)
+    return _FILE_DIGESTS[memo]
+
+
+def modules_digest(modules) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor of `modules` (name -> nn.Module)."""
+    h = hashlib.sha256()
+    for slot, module in sorted(modules.items()):
+        for name, t in module.state_dict().items():
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{slot}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def weights_identity(model_cfg, pipe=None) -> dict:
+    """The identity of the weights `model_cfg` loads (`pipe`: the loaded pipeline, for in-code models)."""
+    source = model_cfg.source
+    if source == "bench":
+        from qdrift.bench.models import bench_weight_files
+
+        return {"bench_files": {p.name: file_digest(p) for p in bench_weight_files(model_cfg.name)}}
+    if source == "tiny":
+        if pipe is None:
+            raise ValueError("the identity of an in-code model needs its pipeline")
+        modules = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+        return {"tensors": modules_digest(modules)}
+    if source == "hub":
+        if model_cfg.get("local_path"):
+            return {"local_files": local_snapshot_digest(Path(model_cfg.local_path))}
+        return {"commit": resolved_commit(model_cfg.hub_id, model_cfg.get("revision") or "main")}
+    raise ValueError(f"unknown model source {source!r}")
+
+
+def resolved_commit(repo_id: str, revision: str) -> str:
+    """The commit hash a revision (branch, tag or hash) resolves to in the local hub cache."""
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(repo_id, revision=revision, local_files_only=True)
+    return Path(path).name      # .../snapshots/<commit>
+
+
+def local_snapshot_digest(root: Path) -> str:
+    """Digest of a downloaded snapshot directory: the hub's sha256/etag per file where `hf download
+    --local-dir` recorded one (cheap), the file's own sha256 otherwise."""
+    h = hashlib.sha256()
+    meta_dir = root / ".cache" / "huggingface" / "download"
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and ".cache" not in p.relative_to(root).parts):
+        rel = f.relative_to(root).as_posix()
+        if not rel.endswith(WEIGHT_SUFFIXES):
+            continue
+        recorded = _recorded_etag(meta_dir / f"{rel}.metadata", f)
+        h.update(f"{rel}|{recorded or file_digest(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _recorded_etag(meta: Path, f: Path) -> str | None:
+    """The etag in hf's local-dir metadata (lines: commit, etag, timestamp), if it still describes `f`."""
+    try:
+        commit, etag, stamp = meta.read_text().splitlines()[:3]
+    except (OSError, ValueError):
+        return None
+    # The hub writes the metadata right after the file; a file changed later is hashed instead.
+    return f"{commit}:{etag}" if float(stamp) >= f.stat().st_mtime - 1 else None
+
+
+def identity_digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
