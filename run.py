@@ -7,6 +7,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from qdrift.cache import CacheError
 from qdrift.config import ConfigError  # also registers the config's resolvers, before Hydra composes
 from qdrift.eval import format_header, format_table
 from qdrift.signals import Terminated, terminate_on_sigterm
@@ -20,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     try:
         with terminate_on_sigterm():   # scancel / time limit: the runner's cleanup still runs
             result = runner.run(cfg, run_dir)
-    except ConfigError as err:
+    except (ConfigError, CacheError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except Terminated:

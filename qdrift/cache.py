@@ -135,6 +135,17 @@ def copy_file(src: str | Path, dst: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ artifacts
+class CacheError(RuntimeError):
+    """The cache directory holds something no run can use or repair by itself."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 class Artifact:
     """One cached stage output, keyed by everything it depends on (`inputs`)."""
 
@@ -144,6 +155,7 @@ class Artifact:
         self.path = Path(cache_dir) / stage / self.key
         self.stage, self.seed = stage, seed
         self._verified = False
+        self._reported: str | None = None
 
     def __repr__(self) -> str:
         return f"Artifact({self.stage}/{self.key})"
@@ -166,16 +178,20 @@ class Artifact:
         """
         if self._verified:
             return True
-        if not self.path.exists():
+        if not self.path.exists() and not self.path.is_symlink():
             return False
         problem = self._problem()
         if problem:
-            log.warning("cache: %s is damaged (%s); recomputing it", self.path, problem)
+            if problem != self._reported:      # say it once, however often we look
+                log.warning("cache: %s is damaged (%s); recomputing it", self.path, problem)
+                self._reported = problem
             return False
         self._verified = True
         return True
 
     def _problem(self) -> str | None:
+        if not self.path.is_dir():
+            return "not a directory"
         try:
             manifest = self.manifest()
         except FileNotFoundError:
@@ -188,25 +204,38 @@ class Artifact:
             f = self.path / name
             if not f.is_file():
                 return f"{name} is missing"
-            if file_sha256(f) != digest:
-                return f"{name} does not match its checksum (truncated or altered)"
+            try:
+                if file_sha256(f) != digest:
+                    return f"{name} does not match its checksum (truncated or altered)"
+            except OSError as err:
+                return f"{name} is unreadable ({err.strerror or err})"
         return None
 
     def lock(self) -> FileLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.path.parent / f"{self.key}.lock"), mode=FILE_MODE)
+        path = self.path.parent / f"{self.key}.lock"
+        if path.exists() and not path.is_file():
+            raise CacheError(f"cache lock {path} is not a file: remove it")
+        return FileLock(str(path), mode=FILE_MODE)
 
     def discard(self) -> None:
         """Remove the artifact (under its lock): for content that is intact but unusable."""
         with self.lock():
-            shutil.rmtree(self.path, ignore_errors=True)
+            _remove(self.path)
         self._verified = False
 
-    def ensure(self, build: Callable[[Path], Mapping | None]) -> "Artifact":
+    def _remove_leftovers(self) -> None:
+        """Under the lock: what a killed builder left (its staging dir) and any damaged artifact."""
+        for stale in self.path.parent.glob(f".{self.key}.*.tmp"):
+            _remove(stale)
+        _remove(self.path)
+
+    def ensure(self, build: Callable[[Path], Mapping | None], quiet: bool = False) -> "Artifact":
         """Build the artifact once if it is absent or damaged; returns self, complete and verified.
 
         `build(staging_dir)` writes the artifact's files into `staging_dir` and may return extra
         manifest fields. Jobs that need the same artifact wait on its lock and then read it.
+        `quiet`: log the build at DEBUG (artifacts made by the hundred, like image batches).
         """
         if self.verify():
             return self
@@ -219,12 +248,11 @@ class Artifact:
         try:
             if self.verify():           # another job built it while we waited
                 return self
-            if self.path.exists():
-                shutil.rmtree(self.path)
+            self._remove_leftovers()
             staging = self.path.with_name(f".{self.key}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
             staging.mkdir(parents=True)
             try:
-                log.info("cache: computing %s/%s", self.stage, self.key)
+                log.log(logging.DEBUG if quiet else logging.INFO, "cache: computing %s/%s", self.stage, self.key)
                 extra = build(staging) or {}
                 files = {p.relative_to(staging).as_posix(): file_sha256(p)
                          for p in sorted(staging.rglob("*")) if p.is_file()}

@@ -47,6 +47,10 @@ EVAL_SEED_SPAN = 10_000_000   # evaluation seeds live in [seed, seed + span)
 MAX_SEED = 2**63 - 1          # torch.Generator.manual_seed
 
 
+# Pixels per latent patch: the VAE's downsampling times the denoiser's patch (or FLUX's 2x2 packing).
+RESOLUTION_MULTIPLE = {"pixart": 16, "sd": 8, "sdxl": 8, "flux": 16, "sana": 32}
+
+
 class ConfigError(ValueError):
     """A user-facing configuration error (printed as one line, exit code 2)."""
 
@@ -142,6 +146,9 @@ def _validate_model(m) -> None:
     _choice(m.get("dtype", "float32"), "model.dtype", sorted(DTYPES))
     _choice(m.prediction, "model.prediction", PREDICTIONS)
     _positive_int(m.resolution, "model.resolution")
+    multiple = RESOLUTION_MULTIPLE.get(m.family, 8)
+    _require(m.resolution % multiple == 0, f"model.resolution={m.resolution}: {m.family} pipelines need a multiple "
+                                           f"of {multiple} (VAE downsampling x patch size)")
     if m.get("max_sequence_length") is not None:
         _positive_int(m.max_sequence_length, "model.max_sequence_length")
     if m.source == "hub":
@@ -176,12 +183,13 @@ def _validate_sampler(cfg) -> None:
                           "(they would be ignored)")
     try:
         probe_scheduler(cfg)
-    except (ValueError, TypeError, NotImplementedError) as err:
+    except (ValueError, TypeError, NotImplementedError, IndexError) as err:
         raise ConfigError(f"sampler={name} with sampler.options={dict(options)}: {one_line(err)}") from None
 
 
-def probe_scheduler(cfg, steps: int = 4):
-    """The run's scheduler class and options on a default noise schedule, timesteps set (no model needed)."""
+def probe_scheduler(cfg, steps: int | None = None):
+    """The run's scheduler class and options on a default noise schedule, timesteps set for the run's step
+    count (no model needed)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     name, prediction = cfg.sampler.name, cfg.model.prediction
@@ -192,6 +200,10 @@ def probe_scheduler(cfg, steps: int = 4):
     kwargs = {}
     if getattr(sch.config, "use_dynamic_shifting", False) and "mu" in inspect.signature(sch.set_timesteps).parameters:
         kwargs["mu"] = 0.0   # the pipeline passes its resolution shift; any value exercises the same code
+    steps = int(cfg.sampler.steps) if steps is None else steps
+    train_steps = getattr(sch.config, "num_train_timesteps", None)
+    if train_steps is not None and steps > train_steps:
+        raise ValueError(f"{steps} sampling steps exceed the schedule's num_train_timesteps={train_steps}")
     sch.set_timesteps(steps, **kwargs)
     return sch
 

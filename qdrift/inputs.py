@@ -59,7 +59,7 @@ def _check_prompts(cfg) -> None:
                  f"calib.batch_size={cfg.calib.batch_size}"] if runs else []) + (
                 [f"PTQ: {ptq} = quant.calib_prompts"] if ptq else [])
         raise ConfigError(f"this run needs {need} calibration prompts ({'; '.join(uses)}) but {what} has "
-                          f"{source.max_calib} outside its {n} evaluation prompts")
+                          f"{source.max_calib} outside its evaluation split")
     overlap = set(source.eval_prompts(n)) & set(source.calib_prompts(need) if need else [])
     if overlap:
         raise ConfigError(f"{len(overlap)} calibration prompts of {what} are also evaluation prompts, e.g. "

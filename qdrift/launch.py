@@ -26,7 +26,7 @@ class ValidateBeforeLaunch(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             validate(config)
-            check_writable(config.hydra.run.dir, config.cache_dir)
+            check_writable(config.cache_dir, config.hydra.run.dir)   # cache first: a bad one leaves no run dir
         except ConfigError as err:
             fail(err)
 
@@ -38,7 +38,7 @@ class ValidateBeforeLaunch(Callback):
                     validate(job)
                 except ConfigError as err:
                     raise ConfigError(f"{' '.join(job.hydra.overrides.task)}: {err}") from None
-            check_writable(Path(config.hydra.sweep.dir).parent, config.cache_dir)
+            check_writable(config.cache_dir, Path(config.hydra.sweep.dir).parent)
         except ConfigError as err:
             fail(err)
 

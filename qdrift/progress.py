@@ -43,7 +43,7 @@ class LogProgress:
 
     def __init__(self, iterable=None, *, desc: str, total: int | None, unit: str = "it", disable: bool = False):
         self.iterable, self.desc, self.total, self.unit, self.disable = iterable, desc, total, unit, disable
-        self.n = 0
+        self.n = self.reported = 0
         self.start = self.last = time.monotonic()
         self.closed = False
 
@@ -74,10 +74,11 @@ class LogProgress:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            if self.n:
+            if self.n != self.reported:      # the last periodic line may already say it all
                 self._report(time.monotonic(), done=True)
 
     def _report(self, now: float, done: bool = False) -> None:
+        self.reported = self.n
         if self.disable:
             return
         elapsed = now - self.start

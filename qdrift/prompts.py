@@ -93,7 +93,8 @@ def _contiguous_runs(indices: list[int], max_len: int) -> list[list[int]]:
 
 
 class MJHQPrompts:
-    """MJHQ-30K from a local directory: meta_data.json + <category>/<id>.jpg."""
+    """MJHQ-30K from a local directory: meta_data.json + <category>/<id>.jpg. The first `eval_split` ids
+    in sorted order are the evaluation split, the rest calibrate."""
 
     name = "mjhq"
     has_references = True
@@ -101,7 +102,7 @@ class MJHQPrompts:
                 "unzip mjhq30k_imgs.zip so that DIR holds meta_data.json and the <category>/<id>.jpg folders) and "
                 "run with eval.mjhq_dir=DIR")
 
-    def __init__(self, root: str | None, num_eval: int):
+    def __init__(self, root: str | None, eval_split: int = 5000):
         if not root:
             raise PromptSetUnavailable(f"eval.mjhq_dir is not set. {self.DOWNLOAD}")
         self.root = Path(root)
@@ -119,16 +120,18 @@ class MJHQPrompts:
             raise PromptSetUnavailable(f"{meta} is not MJHQ-30K's meta_data.json ({err})") from None
         self.ids = sorted(data)
         self.meta = data
-        self.num_eval = num_eval
-        self.max_eval, self.max_calib = len(self.ids), max(len(self.ids) - num_eval, 0)
+        # A fixed split, not the run's prompt count: image i and the calibration prompts must not
+        # change when eval.num_prompts does (the paper evaluates on 5,000 prompts).
+        self.eval_split = min(int(eval_split), len(self.ids))
+        self.max_eval, self.max_calib = self.eval_split, len(self.ids) - self.eval_split
 
     def eval_prompts(self, n: int) -> list[str]:
-        if n > min(self.num_eval, len(self.ids)):
-            raise ValueError(f"asked for {n} evaluation prompts, the split has {min(self.num_eval, len(self.ids))}")
+        if n > self.eval_split:
+            raise ValueError(f"asked for {n} evaluation prompts, the split has {self.eval_split}")
         return [self.meta[i]["prompt"] for i in self.ids[:n]]
 
     def calib_prompts(self, n: int) -> list[str]:
-        rest = self.ids[self.num_eval:]
+        rest = self.ids[self.eval_split:]
         if n > len(rest):
             raise ValueError(f"asked for {n} calibration prompts, MJHQ has {len(rest)} outside the evaluation split")
         return [self.meta[i]["prompt"] for i in rest[:n]]
@@ -155,7 +158,7 @@ def prompt_set(eval_cfg):
     if name == "bench":
         return BenchPrompts()
     if name == "mjhq":
-        return MJHQPrompts(eval_cfg.get("mjhq_dir"), int(eval_cfg.num_prompts))
+        return MJHQPrompts(eval_cfg.get("mjhq_dir"), int(eval_cfg.get("eval_split", 5000)))
     raise ValueError(f"unknown prompt set {name!r}; choose builtin, bench or mjhq")
 
 

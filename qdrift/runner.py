@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import atomic_write_json, plain
@@ -36,7 +35,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run every stage; returns the content of metrics.json."""
     validate(cfg)                                   # bad input fails here, before any model loads
     run_dir = Path(run_dir)
-    check_writable(run_dir, cfg.cache_dir)
+    check_writable(cfg.cache_dir, run_dir)
     with claim_run_dir(run_dir):
         return _run(cfg, run_dir)
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
 
 import pytest
 
-from qdrift.cache import Artifact, atomic_write_bytes, copy_file, text_hash
+from qdrift import cache as cache_mod
+from qdrift.cache import Artifact, CacheError, atomic_write_bytes, copy_file, text_hash
 
 
 def _writer(content: bytes):
@@ -154,3 +156,40 @@ def test_a_crashed_holder_does_not_block(tmp_path):
     lock.release()
     art.ensure(build)
     assert len(calls) == 1
+
+
+def test_unreadable_or_misplaced_files_are_rebuilt(tmp_path, monkeypatch, caplog):
+    build, calls = _writer(b"x")
+    art = Artifact(tmp_path, "stage", {"x": 1}).ensure(build)
+    real = cache_mod.file_sha256
+
+    def unreadable(path):
+        if Path(path).name == "a.bin":
+            raise PermissionError(13, "Permission denied")
+        return real(path)
+
+    monkeypatch.setattr(cache_mod, "file_sha256", unreadable)
+    assert not Artifact(tmp_path, "stage", {"x": 1}).verify()
+    assert "a.bin is unreadable (Permission denied)" in caplog.text
+    monkeypatch.setattr(cache_mod, "file_sha256", real)
+    shutil.rmtree(art.path)
+    art.path.write_text("a file where the artifact's directory belongs")
+    Artifact(tmp_path, "stage", {"x": 1}).ensure(build)
+    assert len(calls) == 2 and art.file("a.bin").read_bytes() == b"x"
+
+
+def test_a_killed_builders_staging_dir_is_cleaned(tmp_path):
+    art = Artifact(tmp_path, "stage", {"x": 1})
+    stale = art.path.with_name(f".{art.key}.12345.deadbeef.tmp")
+    stale.mkdir(parents=True)
+    (stale / "half.bin").write_bytes(b"x" * 1000)
+    build, _ = _writer(b"x")
+    art.ensure(build)
+    assert not stale.exists()
+
+
+def test_a_lock_path_that_is_not_a_file_is_one_clear_error(tmp_path):
+    art = Artifact(tmp_path, "stage", {"x": 1})
+    (tmp_path / "stage" / f"{art.key}.lock").mkdir(parents=True)
+    with pytest.raises(CacheError, match=r"cache lock .*\.lock is not a file"):
+        art.ensure(_writer(b"x")[0])

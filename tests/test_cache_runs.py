@@ -47,16 +47,30 @@ def fake_mjhq(root: Path, n: int = 12) -> Path:
 
 
 MJHQ_EVAL = ["eval=mjhq", "eval.features=pixels", "eval.clip=none", "eval.kid_subset_size=2",
-             "eval.num_resamples=20"]
+             "eval.num_resamples=20", "eval.eval_split=8"]
 
 
-def test_mjhq_prompt_count_changes_the_quantized_model(run_tiny, tmp_path):
-    """MJHQ calibrates on the ids after the evaluation split: more evaluation prompts, other PTQ prompts."""
+def test_mjhq_prompt_count_keeps_image_i(run_tiny, tmp_path):
+    """MJHQ's evaluation split is fixed: more evaluation prompts add images and change nothing else
+    (the calibration prompts, hence the quantized model, stay), on a shared or an empty cache."""
     mjhq = [*MJHQ_EVAL, f"eval.mjhq_dir={fake_mjhq(tmp_path / 'mjhq')}", *QUANT, "batch_size=2"]
-    run_tiny([*mjhq, "eval.num_prompts=4"], cache=tmp_path / "shared")
+    _, four = run_tiny([*mjhq, "eval.num_prompts=4"], cache=tmp_path / "shared")
     after = run_tiny([*mjhq, "eval.num_prompts=6"], cache=tmp_path / "shared")
-    fresh = run_tiny([*mjhq, "eval.num_prompts=6"], cache=tmp_path / "empty")
+    assert_same_run(after, run_tiny([*mjhq, "eval.num_prompts=6"], cache=tmp_path / "empty"))
+    six = pngs(after[1])
+    assert all(six[name] == data for name, data in pngs(four).items())
+
+
+def test_changed_reference_files_are_read_again(run_tiny, tmp_path):
+    """References copied from a directory are keyed by the files' bytes, not by their path."""
+    root = fake_mjhq(tmp_path / "mjhq")
+    mjhq = [*MJHQ_EVAL, f"eval.mjhq_dir={root}", "eval.num_prompts=4", "quant=none", "corrector=none"]
+    run_tiny(mjhq, cache=tmp_path / "shared")
+    Image.new("RGB", (40, 40), (250, 10, 10)).save(root / "things" / "0000.jpg")
+    after = run_tiny(mjhq, cache=tmp_path / "shared")
+    fresh = run_tiny(mjhq, cache=tmp_path / "empty")
     assert_same_run(after, fresh)
+    assert (after[1] / "references/0.png").read_bytes() == (fresh[1] / "references/0.png").read_bytes()
 
 
 def test_other_weights_never_reuse_artifacts(run_tiny, tmp_path, monkeypatch):
@@ -121,7 +135,8 @@ def test_two_processes_share_the_work(tmp_path):
     """Two runs started together on one cache: each artifact is computed once, both finish alike."""
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     args = [sys.executable, "run.py", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=4", "batch_size=2",
-            "sampler.steps=3", *QUANT, "calib.num_runs=2", "logger=none", f"output_root={tmp_path}"]
+            "sampler.steps=3", *QUANT, "calib.num_runs=2", "logger=none", f"output_root={tmp_path}",
+            "hydra.verbose=qdrift"]   # image batches log their building at DEBUG
     procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -147,7 +147,7 @@ def test_calibration_prompts_beyond_the_builtin_set():
     msg = refused([*TINY, "calib.num_runs=1005", "calib.batch_size=10"])
     assert msg == ("this run needs 1010 calibration prompts (Q-Drift: 1010 = calib.num_runs=1005 in whole batches of "
                    "calib.batch_size=10; PTQ: 128 = quant.calib_prompts) but the builtin prompt set has 1008 outside "
-                   "its 8 evaluation prompts")
+                   "its evaluation split")
 
 
 def write_mjhq(root: Path, n: int, images: bool = True) -> Path:
@@ -175,16 +175,19 @@ def test_mjhq_folder_is_checked(tmp_path):
     msg = refused(mjhq_run(tmp_path))
     assert "meta_data.json not found" in msg and "hf download playgroundai/MJHQ-30K --repo-type dataset" in msg
     write_mjhq(tmp_path / "mjhq", 20, images=False)
-    assert "10 of 10 MJHQ reference images are missing" in refused(mjhq_run(tmp_path, "eval.num_prompts=10"))
+    assert "10 of 10 MJHQ reference images are missing" in refused(
+        mjhq_run(tmp_path, "eval.num_prompts=10", "eval.eval_split=10"))
 
 
 def test_mjhq_prompt_counts(tmp_path):
     write_mjhq(tmp_path / "mjhq", 20)
-    validate(compose_cfg(mjhq_run(tmp_path, "eval.num_prompts=10", "calib.num_runs=2", "calib.batch_size=2")))
+    validate(compose_cfg(mjhq_run(tmp_path, "eval.num_prompts=10", "eval.eval_split=10", "calib.num_runs=2",
+                                  "calib.batch_size=2")))
     assert "eval.num_prompts=21 is more than the 20 evaluation prompts of the mjhq prompt set" in refused(
         mjhq_run(tmp_path, "eval.num_prompts=21"))
-    msg = refused(mjhq_run(tmp_path, "eval.num_prompts=16", "calib.num_runs=5", "calib.batch_size=8"))
-    assert "needs 8 calibration prompts" in msg and "has 4 outside its 16 evaluation prompts" in msg
+    msg = refused(mjhq_run(tmp_path, "eval.num_prompts=16", "eval.eval_split=16", "calib.num_runs=5",
+                           "calib.batch_size=8"))
+    assert "needs 8 calibration prompts" in msg and "has 4 outside its evaluation split" in msg
 
 
 def test_mjhq_duplicate_texts_are_refused(tmp_path):
@@ -193,7 +196,8 @@ def test_mjhq_duplicate_texts_are_refused(tmp_path):
     meta = json.loads((root / "meta_data.json").read_text())
     meta["id0011"]["prompt"] = meta["id0000"]["prompt"]
     (root / "meta_data.json").write_text(json.dumps(meta))
-    msg = refused(mjhq_run(tmp_path, "eval.num_prompts=10", "calib.num_runs=2", "calib.batch_size=2"))
+    msg = refused(mjhq_run(tmp_path, "eval.num_prompts=10", "eval.eval_split=10", "calib.num_runs=2",
+                           "calib.batch_size=2"))
     assert "1 calibration prompts of the mjhq prompt set are also evaluation prompts, e.g. 'prompt number 0'" in msg
 
 
@@ -206,7 +210,8 @@ def test_evaluation_weights_are_checked_before_generating(tmp_path, empty_hub_ca
     (snap / "model_index.json").write_text("{}")
     write_mjhq(tmp_path / "mjhq", 4 + 128)   # SVDQuant calibrates on 128 prompts
     paper = ["experiment=paper_pixart_svdquant_w3a4", "logger=none", f"model.local_path={snap}",
-             f"eval.mjhq_dir={tmp_path / 'mjhq'}", "eval.num_prompts=4", "calib.num_runs=2", "batch_size=2"]
+             f"eval.mjhq_dir={tmp_path / 'mjhq'}", "eval.num_prompts=4", "eval.eval_split=4", "calib.num_runs=2",
+             "batch_size=2"]
     msg = refused(paper)
     assert "weights-inception-2015-12-05-6726825d.pth" in msg and "eval.inception_weights=" in msg
     inception = tmp_path / "inception.pth"
@@ -271,7 +276,7 @@ def test_unwritable_output_root_is_one_line(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     out = run_py(*TINY, f"output_root={blocker / 'out'}")
-    assert_one_line_error(out, f"output directory {blocker / 'out'}/runs/")
+    assert_one_line_error(out, f"output directory {blocker / 'out'}/cache ")   # the cache is checked first
     assert "is not writable" in out.stderr
 
 
@@ -336,6 +341,18 @@ def log_file_progress(monkeypatch):
     monkeypatch.delenv("QDRIFT_PROGRESS_INTERVAL", raising=False)
 
 
+def test_progress_never_repeats_its_last_line(log_file_progress, caplog, monkeypatch):
+    """Every step past the interval logs once; closing adds a line only for steps not yet reported."""
+    from qdrift.progress import progress
+
+    monkeypatch.setenv("QDRIFT_PROGRESS_INTERVAL", "0")
+    with caplog.at_level(logging.INFO, logger="qdrift"):
+        for _ in progress(range(3), desc="calibration", unit="block"):
+            pass
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "calibration: 1/3 block (33%)", "calibration: 2/3 block (67%)", "calibration: 3/3 block (100%)"]
+
+
 def test_progress_off_a_terminal_is_a_few_lines(log_file_progress, caplog, capsys):
     from qdrift.progress import progress
 
@@ -393,3 +410,9 @@ def test_table_header_names_what_was_measured():
     line = format_header(cfg, 4)
     assert line == "qdrift  model=tiny_pixart  sampler=dpmpp (8 steps, CFG 4.5)  quant=svdquant_w3a4  K=3  prompts=4 (builtin)"
     assert "K=-" in format_header(plain(compose_cfg([*TINY, "corrector=none"])), 4)
+
+
+def test_resolution_and_step_count_that_the_pipeline_cannot_run():
+    assert "model.resolution=40: pixart pipelines need a multiple of 16" in refused([*TINY, "model.resolution=40"])
+    msg = refused([*TINY, "sampler.steps=3", "++sampler.options.num_train_timesteps=2"])
+    assert "3 sampling steps exceed the schedule's num_train_timesteps=2" in msg

@@ -3,7 +3,8 @@
 - bench: the sha256 of each shipped file the pipeline was built from;
 - hub:   the resolved commit of the snapshot (a branch name such as `main` moves), or for a local
          snapshot (`model.local_path`) the hub's recorded file hashes, else the files' own sha256;
-- tiny:  a digest of every tensor of the pipeline built in code.
+- tiny:  a digest of every tensor of the pipeline built in code, and of its components' configs and
+         tokenizers' vocabularies.
 Digests of files are memoised per process by (path, size, mtime).
 """
 from __future__ import annotations
@@ -40,6 +41,21 @@ def modules_digest(modules) -> str:
     return h.hexdigest()
 
 
+def components_config_digest(pipe) -> str:
+    """Digest of what an in-code pipeline builds besides tensors: each component's config (scheduler,
+    models) and each tokenizer's vocabulary."""
+    parts = {}
+    for name, comp in sorted(pipe.components.items()):
+        if hasattr(comp, "get_vocab"):
+            parts[name] = sorted(comp.get_vocab().items())
+        elif getattr(comp, "config", None) is not None:
+            config = comp.config   # diffusers: a FrozenDict; transformers: a PretrainedConfig
+            config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+            # private entries are bookkeeping (versions, paths, a set of defaults in hash order)
+            parts[name] = {k: v for k, v in config.items() if not k.startswith("_")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def weights_identity(model_cfg, pipe=None) -> dict:
     """The identity of the weights `model_cfg` loads (`pipe`: the loaded pipeline, for in-code models)."""
     source = model_cfg.source
@@ -51,7 +67,7 @@ def weights_identity(model_cfg, pipe=None) -> dict:
         if pipe is None:
             raise ValueError("the identity of an in-code model needs its pipeline")
         modules = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
-        return {"tensors": modules_digest(modules)}
+        return {"tensors": modules_digest(modules), "configs": components_config_digest(pipe)}
     if source == "hub":
         if model_cfg.get("local_path"):
             return {"local_files": local_snapshot_digest(Path(model_cfg.local_path))}

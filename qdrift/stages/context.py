@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from qdrift.cache import plain
+from qdrift.cache import plain, versions
 from qdrift.models.families import Family, get_family
 from qdrift.models.loaders import resolve_dtype
 
@@ -25,6 +25,11 @@ def device_kind(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return device.type
+
+
+def software_versions() -> dict[str, str]:
+    """The libraries whose kernels and pipelines compute every number (an upgrade may change them)."""
+    return {k: v for k, v in versions().items() if k in ("torch", "diffusers", "transformers")}
 
 
 def batches(n: int, size: int) -> list[list[int]]:
@@ -76,7 +81,7 @@ class RunContext:
         if self.weights is None:
             raise RuntimeError("the model's weights identity is known only after the build stage")
         return {"model": plain(self.cfg.model), "device": device_kind(self.device), "dtype": str(self.dtype),
-                "weights": self.weights}
+                "weights": self.weights, "software": software_versions()}
 
     def sampling_key(self) -> dict:
         return self.model_key() | {"sampler": plain(self.cfg.sampler)}

@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 from qdrift.cache import Artifact, copy_file, text_hash
+from qdrift.models.identity import file_digest
 from qdrift.eval import ClipImageFeatures, ClipScorer, InceptionFeatures, PixelFeatures, evaluate_variants, load_openclip
 
 log = logging.getLogger("qdrift")
@@ -50,9 +51,12 @@ def reference_dir(ctx) -> Path | None:
         return None
     res = int(ctx.cfg.model.resolution)
     n = len(ctx.prompts)
+    sources = None
+    if e.reference == "directory":   # copies of files on disk: their bytes are the input, not their path
+        sources = text_hash([file_digest(ctx.prompt_set.reference_path(i)) for i in range(n)])
     art = Artifact(ctx.cache_dir, "references", {
         "prompt_set": e.prompt_set, "prompts": text_hash(ctx.prompts), "resolution": res, "source": e.reference,
-        "mjhq_dir": e.get("mjhq_dir"), "code": REFERENCES_VERSION})
+        "source_files": sources, "code": REFERENCES_VERSION})
     art.ensure(lambda staging: ctx.prompt_set.write_references(list(range(n)), ctx.prompts, staging, res))
     dst = ctx.run_dir / "references"
     for i in range(n):

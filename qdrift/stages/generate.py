@@ -67,7 +67,7 @@ def generate_stage(ctx, pool: CalibrationPool | None) -> dict[str, Path]:
         scheduler = wrap_scheduler(ctx.base_scheduler, hook)
         with quant_enabled(ctx.denoiser, quantized):
             for art, batch in progress(todo, desc=f"generate {name}", unit="batch", disable=not todo):
-                art.ensure(lambda staging, b=batch: _render(ctx, b, scheduler, staging))
+                art.ensure(lambda staging, b=batch: _render(ctx, b, scheduler, staging), quiet=True)
         dirs[name] = _expose(ctx, name, arts)
     return dirs
 
