@@ -87,6 +87,16 @@ def test_trimming_drops_outliers():
     assert abs(dirty - clean) / clean < 0.05 < abs(untrimmed - clean) / clean
 
 
+def test_merge_works_over_leading_axes():
+    """Records of (runs, steps) merge field-wise along the last axis, whatever the leading shape."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(2, 3, 50, generator=g, dtype=torch.float64)
+    e = torch.randn(2, 3, 50, generator=g, dtype=torch.float64)
+    merged = moments.merge(moments.moments_of(u[..., :20], e[..., :20]), moments.moments_of(u[..., 20:], e[..., 20:]))
+    assert merged.shape == (2, 3, moments.FIELDS)
+    assert torch.allclose(merged, moments.moments_of(u, e))
+
+
 @pytest.mark.parametrize("trim_std", [4.0, 5.0, 6.0])
 def test_trimming_threshold_is_trim_std_exactly(trim_std):
     """Outliers planted at 5.5 sigma: dropped at trim_std 4 and 5, kept at 6; the kept set is exactly
