@@ -75,6 +75,18 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(named) -> str:
+    """sha256 over the name, dtype, shape and bytes of each (name, tensor) pair, read on the CPU."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in named:
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _PACKAGES:

@@ -187,7 +187,7 @@ def _validate_sampler(cfg) -> None:
         raise ConfigError(f"sampler={name} with sampler.options={dict(options)}: {one_line(err)}") from None
 
 
-def probe_scheduler(cfg, steps: int | None = None):
+def probe_scheduler(cfg):
     """The run's scheduler class and options on a default noise schedule, timesteps set for the run's step
     count (no model needed)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -200,7 +200,7 @@ def probe_scheduler(cfg, steps: int | None = None):
     kwargs = {}
     if getattr(sch.config, "use_dynamic_shifting", False) and "mu" in inspect.signature(sch.set_timesteps).parameters:
         kwargs["mu"] = 0.0   # the pipeline passes its resolution shift; any value exercises the same code
-    steps = int(cfg.sampler.steps) if steps is None else steps
+    steps = int(cfg.sampler.steps)
     train_steps = getattr(sch.config, "num_train_timesteps", None)
     if train_steps is not None and steps > train_steps:
         raise ValueError(f"{steps} sampling steps exceed the schedule's num_train_timesteps={train_steps}")

@@ -63,3 +63,23 @@ def test_local_snapshot_identity_follows_file_contents(tmp_path):
     first = identity.weights_identity(_cfg(local_path=str(tmp_path)))
     weights.write_bytes(b"weights-2")
     assert identity.weights_identity(_cfg(local_path=str(tmp_path))) != first
+
+
+def test_local_snapshot_uses_the_hubs_recorded_hash_only_while_it_describes_the_file(tmp_path):
+    """`hf download --local-dir` records commit, etag and time per file; a file changed later is hashed."""
+    import os
+    import time
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights-1")
+    meta = tmp_path / ".cache" / "huggingface" / "download" / "model.safetensors.metadata"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(f"{'c' * 40}\netag-1\n{time.time() + 5}\n")
+    recorded = identity.local_snapshot_digest(tmp_path)
+    meta.write_text(f"{'c' * 40}\netag-2\n{time.time() + 5}\n")
+    assert identity.local_snapshot_digest(tmp_path) != recorded          # the recorded hash is what counts
+    meta.write_text(f"{'c' * 40}\netag-2\n{time.time() - 1000}\n")     # written long before the file
+    stale = identity.local_snapshot_digest(tmp_path)
+    weights.write_bytes(b"weights-2")
+    os.utime(weights, (time.time() + 1, time.time() + 1))
+    assert identity.local_snapshot_digest(tmp_path) != stale            # so the bytes are hashed

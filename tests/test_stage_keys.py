@@ -69,6 +69,14 @@ def test_each_input_changes_exactly_the_keys_below_it(tmp_path, override, expect
     assert changed(stage_keys(tmp_path), stage_keys(tmp_path, [override])) == expected
 
 
+def test_library_versions_change_every_key(tmp_path, monkeypatch):
+    from qdrift.stages import context
+
+    before = stage_keys(tmp_path)
+    monkeypatch.setattr(context, "software_versions", lambda: {"torch": "99.0", "diffusers": "0", "transformers": "0"})
+    assert changed(before, stage_keys(tmp_path)) == ALL
+
+
 def test_weights_identity_changes_every_key(tmp_path):
     assert changed(stage_keys(tmp_path), stage_keys(tmp_path, weights={"tensors": "digest-1"})) == ALL
 

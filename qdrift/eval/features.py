@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from qdrift.cache import file_sha256
+from qdrift.cache import file_sha256, tensors_sha256
 from qdrift.eval.clip_score import clip_preprocess
 from qdrift.eval.images import image_indices, iter_same_size_batches
 from qdrift.eval.weights import require_weights_file
@@ -174,14 +174,10 @@ def _cached_features(path: Path, key: str) -> Tensor | None:
         feats = load_file(str(path))["features"]
     except (OSError, SafetensorError, KeyError):
         return None
-    if meta.get("sha256") != _tensor_sha256(feats):
+    if meta.get("sha256") != tensors_sha256([("features", feats)]):
         warnings.warn(f"feature cache {path} does not match its checksum (altered); recomputing it")
         return None
     return feats
-
-
-def _tensor_sha256(t: Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def feature_cache(directory: str | Path, extractor: FeatureExtractor, batch_size: int = 64) -> Tensor:
@@ -215,7 +211,7 @@ def feature_cache(directory: str | Path, extractor: FeatureExtractor, batch_size
     os.close(fd)
     try:
         save_file({"features": feats, "indices": torch.tensor(indices)}, tmp,
-                  metadata={"key": key, "sha256": _tensor_sha256(feats)})
+                  metadata={"key": key, "sha256": tensors_sha256([("features", feats)])})
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qdrift.cache import file_sha256
+from qdrift.cache import file_sha256, tensors_sha256
 
 _FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".txt")
@@ -32,13 +32,8 @@ def file_digest(path: str | Path) -> str:
 
 def modules_digest(modules) -> str:
     """sha256 over the names, dtypes, shapes and bytes of every tensor of `modules` (name -> nn.Module)."""
-    h = hashlib.sha256()
-    for slot, module in sorted(modules.items()):
-        for name, t in module.state_dict().items():
-            t = t.detach().to("cpu").contiguous()
-            h.update(f"{slot}.{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return tensors_sha256((f"{slot}.{name}", t) for slot, module in sorted(modules.items())
+                          for name, t in module.state_dict().items())
 
 
 def components_config_digest(pipe) -> str:
@@ -105,7 +100,3 @@ def _recorded_etag(meta: Path, f: Path) -> str | None:
         return None
     # The hub writes the metadata right after the file; a file changed later is hashed instead.
     return f"{commit}:{etag}" if float(stamp) >= f.stat().st_mtime - 1 else None
-
-
-def identity_digest(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -21,6 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qdrift.cache import tensors_sha256
+
 from .api import QuantInfo
 from .layers import FakeQuantLayer, fake_quant_layers, replace_module
 from .primitives import E2M1_GRID, QuantizedWeight, int_range
@@ -71,15 +73,8 @@ def unpack_codes(data: torch.Tensor, spec: QuantizerSpec, shape: Sequence[int]) 
 
 def weight_digest(layer: nn.Module) -> str:
     """sha256 (32 hex digits) of a layer's weight and bias as loaded: dtype, shape and bytes, on the CPU."""
-    h = hashlib.sha256()
-    for slot in ("weight", "bias"):
-        t = getattr(layer, slot, None)
-        if t is None:
-            continue
-        t = t.detach().to("cpu").contiguous()
-        h.update(f"{slot}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy())
-    return h.hexdigest()[:32]
+    return tensors_sha256((slot, t) for slot in ("weight", "bias")
+                          if (t := getattr(layer, slot, None)) is not None)[:32]
 
 
 # ------------------------------------------------------------------------------------------ save / load
