@@ -7,8 +7,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from qdrift import distributed
 from qdrift.cache import CacheError
-from qdrift.config import ConfigError  # also registers the config's resolvers, before Hydra composes
+from qdrift.config import ConfigError, run_id, set_run_id  # also registers the config's resolvers
 from qdrift.eval import format_header, format_table
 from qdrift.signals import Terminated, terminate_on_sigterm
 
@@ -28,10 +29,17 @@ def main(cfg: DictConfig) -> None:
         print(f"error: terminated (SIGTERM); {run_dir} keeps what was finished and a rerun resumes from the cache",
               file=sys.stderr)
         raise
+    if result is None:   # a torchrun rank after the first: rank 0 prints and logs
+        return
     print(format_header(result["config"], result["num_prompts"]))
     print(format_table(result["variants"]))
     print(run_dir)  # the last line is the run directory
 
 
 if __name__ == "__main__":
-    main()
+    if distributed.init().distributed:   # torchrun: every rank names the run directory as rank 0 does
+        set_run_id(distributed.broadcast(run_id()))
+    try:
+        main()
+    finally:
+        distributed.finish()

@@ -2,6 +2,7 @@
 
     python experiments/bench_drift_overhead.py --model tiny_pixart --steps 20 --batch 4 --repeats 5
     python experiments/bench_drift_overhead.py --model bench_dit --device cuda
+    python experiments/bench_drift_overhead.py --model flux_schnell --set model.source=random --json out.json
 
 The correction adds no model evaluation, only a few elementwise ops per step; this prints the
 median time per call with the plain scheduler, with Q-Drift (paper and exact) and the ratios, plus
@@ -48,13 +49,15 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--set", action="append", default=[], help="further config overrides (repeatable)")
+    ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
+    import json
     import os
 
     conf = os.path.join(os.path.dirname(__file__), "..", "conf")
-    overrides = [f"model={args.model}", f"sampler.steps={args.steps}", f"device={args.device}"]
-    if args.sampler:
-        overrides.append(f"sampler={args.sampler}")
+    overrides = [f"model={args.model}", *([f"sampler={args.sampler}"] if args.sampler else []),
+                 f"sampler.steps={args.steps}", f"device={args.device}", *args.set]
     with initialize_config_dir(config_dir=os.path.abspath(conf), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
     device = torch.device(args.device)
@@ -90,6 +93,15 @@ def main():
     for name, t in rows.items():
         so = f"{1e3 * step_only[name]:.2f}" if name in step_only else "-"
         print(f"| {name} | {t:.3f} | {t / rows['plain']:.3f} | {so} |")
+    # The correction's own cost per step, relative to a whole step of the plain pipeline call.
+    overhead = (step_only["qdrift paper"] - step_only["plain"]) / rows["plain"]
+    print(f"Q-Drift's scheduler-step cost: {100 * overhead:.3f} % of a plain step")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "overrides": overrides, "steps": steps, "batch": args.batch,
+                       "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                       "pipeline_call_s": rows, "scheduler_steps_s": step_only,
+                       "overhead_per_step": overhead}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ the runner again before it loads a model (tests and scripts call the runner dire
 """
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import math
@@ -19,11 +20,13 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .distributed import world
 from .drift.correctors import CORRECTORS
 from .drift.rules import MODES, schedule_of
 from .drift.statistics import POOLINGS
 from .models.families import FAMILIES
 from .models.loaders import DTYPES, SOURCES
+from .models.random_arch import ARCH_SIZES
 from .samplers import SAMPLERS, check_sampler, make_scheduler
 
 log = logging.getLogger("qdrift")
@@ -31,9 +34,23 @@ log = logging.getLogger("qdrift")
 # For Hydra's sweep subdir (conf/config.yaml): an override value with "/" would nest folders.
 OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "_"), replace=True)
 # Run directories are named to the second; two runs started in the same second need another part.
-# Fixed per process (and cached in the config, which travels to a launcher's jobs with it).
-_RUN_SUFFIX = os.urandom(3).hex()
-OmegaConf.register_new_resolver("run_suffix", lambda: _RUN_SUFFIX, replace=True, use_cache=True)
+# Fixed per process (and cached in the config, which travels to a launcher's jobs with it); the ranks
+# of one torchrun job share rank 0's (set_run_id), so they name one directory.
+_RUN_ID = {"time": datetime.datetime.now(), "suffix": os.urandom(3).hex()}
+OmegaConf.register_new_resolver("run_time", lambda fmt: _RUN_ID["time"].strftime(fmt), replace=True, use_cache=True)
+OmegaConf.register_new_resolver("run_suffix", lambda: _RUN_ID["suffix"], replace=True, use_cache=True)
+# Ranks after the first of a torchrun job log to their own file, tag their lines and leave .hydra/ to rank 0.
+OmegaConf.register_new_resolver("rank_file", lambda: "" if world().is_main else f"_rank{world().rank}", replace=True)
+OmegaConf.register_new_resolver("rank_label", lambda: "" if world().is_main else f" rank{world().rank}", replace=True)
+OmegaConf.register_new_resolver("rank_subdir", lambda d: d if world().is_main else None, replace=True)
+
+
+def run_id() -> dict:
+    return dict(_RUN_ID)
+
+
+def set_run_id(ident: dict) -> None:
+    _RUN_ID.update(ident)
 
 PREDICTIONS = ("epsilon", "v_prediction", "flow")
 PROMPT_SETS = ("builtin", "bench", "mjhq")
@@ -157,6 +174,10 @@ def _validate_model(m) -> None:
         _text(m.get("local_path"), "model.local_path", optional=True)
         _text(m.get("variant"), "model.variant", optional=True)
         _bool(m.get("allow_download", False), "model.allow_download")
+    if m.source == "random":   # whether model.arch names a shipped file is an input check (loaders.check_available)
+        _text(m.get("arch"), "model.arch")
+        _choice(m.get("arch_size", "full"), "model.arch_size", ARCH_SIZES)
+        _seed(m.get("seed", 0), "model.seed")
 
 
 def _validate_sampler(cfg) -> None:
@@ -333,15 +354,35 @@ def _validate_logger(lg) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`: a GPU if there is one. `auto` and `cuda` pick the GPU too: rank r of a torchrun job
+    takes its LOCAL_RANK's GPU, job j of a local sweep GPU j mod (number of GPUs)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name} asked for a GPU but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        w = world()
+        slot = w.local_rank if w.distributed else _sweep_job_num()
+        device = torch.device("cuda", slot % torch.cuda.device_count())
+    elif device.type == "cuda" and world().distributed:
+        raise ConfigError(f"device={name} under torchrun would put every rank on one GPU; use device=auto or "
+                          "cuda (rank r then uses GPU LOCAL_RANK)")
     return device
+
+
+def _sweep_job_num() -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return 0
+    try:
+        return int(HydraConfig.get().job.get("num") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def check_writable(*dirs: str | Path) -> None:

@@ -1,4 +1,5 @@
-"""Hydra glue: validate a run (or every job of a sweep) before Hydra creates its directory.
+"""Hydra glue: validate a run (or every job of a sweep) before Hydra creates its directory, and log
+a sweep's progress from the process that launched it.
 
 Registered in conf/config.yaml under `hydra.callbacks`. Hydra makes the run directory, and so
 fails with a traceback on an unwritable output_root, before `run.py` gets control; a callback
@@ -7,7 +8,10 @@ through Hydra's error reporting, which catches Exception only).
 """
 from __future__ import annotations
 
+import logging
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from .config import ConfigError, check_writable, validate
+from .progress import hms, interval
+
+log = logging.getLogger("qdrift")
 
 
 def fail(err: ConfigError):
@@ -59,3 +66,70 @@ def sweep_configs(config: DictConfig) -> list[DictConfig]:
         return []                                     # each job is still validated by the runner
     loader = GlobalHydra.instance().config_loader()
     return [loader.load_sweep_config(config, list(job)) for job in jobs]
+
+
+class SweepProgress(Callback):
+    """`sweep: 3/8 jobs done (0 failed), 0:12:04 elapsed, about 0:20:07 left` every
+    QDRIFT_PROGRESS_INTERVAL seconds (default 30) in the launcher's log, whatever the launcher
+    (basic, joblib, submitit local or Slurm): a job is done when its directory has the runner's
+    status.json. The estimate assumes the remaining jobs take as long as the finished ones did."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __getstate__(self) -> dict:   # launchers pickle Hydra's callbacks into each job: the watcher stays here
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        total = len(sweep_configs(config))
+        if total:
+            monitor = SweepMonitor(Path(config.hydra.sweep.dir), total)
+            self._thread = threading.Thread(target=monitor.watch, args=(self._stop,), daemon=True)
+            self._thread.start()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+class SweepMonitor:
+    def __init__(self, sweep_dir: Path, total: int):
+        self.sweep_dir, self.total, self.start = sweep_dir, total, time.monotonic()
+        self.reported: tuple[int, int] | None = None
+
+    def counts(self) -> tuple[int, int]:
+        """(done, failed) among the sweep's job directories."""
+        import json
+
+        done = failed = 0
+        for status in self.sweep_dir.glob("*/status.json"):
+            try:
+                failed += json.loads(status.read_text()).get("status") != "done"
+            except (OSError, ValueError):
+                continue
+            done += 1
+        return done, failed
+
+    def line(self) -> str:
+        done, failed = self.counts()
+        elapsed = time.monotonic() - self.start
+        text = f"sweep: {done}/{self.total} jobs done ({failed} failed), {hms(elapsed)} elapsed"
+        if 0 < done < self.total:
+            text += f", about {hms(elapsed / done * (self.total - done))} left"
+        return text
+
+    def watch(self, stop: threading.Event) -> None:
+        while not stop.wait(interval()):
+            self.report()
+        self.report(final=True)
+
+    def report(self, final: bool = False) -> None:
+        counts = self.counts()
+        if counts != self.reported or final:   # a line when something changed, and a last one
+            self.reported = counts
+            log.info(self.line())

@@ -18,10 +18,11 @@ log = logging.getLogger("qdrift")
 
 
 def interactive() -> bool:
-    return sys.stderr.isatty()
+    """A terminal bar; torchrun's ranks after the first share rank 0's terminal, so they log lines."""
+    return sys.stderr.isatty() and os.environ.get("RANK", "0") == "0"
 
 
-def _interval() -> float:
+def interval() -> float:
     try:
         return float(os.environ.get("QDRIFT_PROGRESS_INTERVAL", "30"))
     except ValueError:
@@ -67,7 +68,7 @@ class LogProgress:
     def update(self, n: int = 1) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.last >= _interval():
+        if now - self.last >= interval():
             self.last = now
             self._report(now)
 
@@ -86,11 +87,11 @@ class LogProgress:
             left = elapsed / self.n * (self.total - self.n) if self.n and not done else 0.0
             pct = 100.0 * self.n / self.total
             log.info("%s: %d/%d %s (%.0f%%), %s elapsed, %s left", self.desc, self.n, self.total, self.unit, pct,
-                     _hms(elapsed), _hms(left))
+                     hms(elapsed), hms(left))
         else:
-            log.info("%s: %d %s, %s elapsed", self.desc, self.n, self.unit, _hms(elapsed))
+            log.info("%s: %d %s, %s elapsed", self.desc, self.n, self.unit, hms(elapsed))
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"

@@ -10,11 +10,13 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from .cache import atomic_write_json, plain
 from .config import ConfigError, check_writable, resolve_device, validate
+from .distributed import main_first, world
 from .models.cuda_graph import CudaGraphForward, use_cuda_graphs
 from .prompts import prompt_set
 from .quant import fake_quant_layers
@@ -28,6 +30,8 @@ from .stages.quantize import quantize_stage
 from .tracking.wandb_logger import WandbLogger
 
 log = logging.getLogger("qdrift")
+STATUS_FILE = "status.json"
+NO_LOGGER = OmegaConf.create({"kind": "none", "mode": "disabled"})
 
 
 @terminate_on_sigterm()   # Slurm's kill: the `finally` blocks below still run (W&B finished, locks freed)
@@ -36,24 +40,28 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate(cfg)                                   # bad input fails here, before any model loads
     run_dir = Path(run_dir)
     check_writable(cfg.cache_dir, run_dir)
+    if not world().is_main:                         # a torchrun rank after the first: its share, no results
+        return _run(cfg, run_dir)
     with claim_run_dir(run_dir):
         return _run(cfg, run_dir)
 
 
-def _run(cfg: DictConfig, run_dir: Path) -> dict:
+def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
+    main = world().is_main
     prompts_source = prompt_set(cfg.eval)
     ctx = RunContext(cfg, run_dir, resolve_device(cfg.device),
                      prompts_source.eval_prompts(int(cfg.eval.num_prompts)), prompts_source)
     ctx.batch_prompts = padded_prompts(ctx)
     config = plain(cfg)
-    atomic_write_json(run_dir / "config.json", config)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = WandbLogger(cfg.logger, run_dir, config, name=run_dir.name)
+    if main:
+        atomic_write_json(run_dir / "config.json", config)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker = WandbLogger(cfg.logger if main else NO_LOGGER, run_dir, config, name=run_dir.name)
     failed = True
     try:
         with ctx.stage("build"):
             build(ctx)
-        with ctx.stage("quantize"):
+        with ctx.stage("quantize"), main_first():   # rank 0 quantizes, the others load its cached state
             quant_report = quantize_stage(ctx)
         if cfg.get("cuda_graph", False):   # after quantization: its calibration hooks must see eager calls
             graph_denoiser(ctx.denoiser)
@@ -65,14 +73,20 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
             dirs = generate_stage(ctx, pool)
         with ctx.stage("evaluate"):
             metrics = evaluate_stage(ctx, dirs)
+        if not main:
+            failed = False
+            return None
         result = {"variants": metrics, "config": config, "timing": ctx.timings, "quant": quant_report,
-                  "device": str(ctx.device), "num_prompts": len(ctx.prompts)}
+                  "device": str(ctx.device), "num_prompts": len(ctx.prompts), **device_info(ctx.device)}
         atomic_write_json(run_dir / "metrics.json", result)
         tracker.log_results(metrics, ctx.timings, dirs, ctx.prompts, int(cfg.logger.get("log_images", 0)))
         failed = False
         return result
     finally:
         tracker.finish(failed=failed)   # always, so one crash does not break a sweep's next run
+        if main:                        # read by a sweep's progress log (qdrift/launch.py)
+            atomic_write_json(run_dir / STATUS_FILE, {"status": "failed" if failed else "done",
+                                                     "seconds": round(sum(ctx.timings.values()), 3)})
 
 
 @contextmanager
@@ -110,3 +124,11 @@ def graph_denoiser(denoiser) -> CudaGraphForward:
     """Route denoiser calls through CUDA graphs, one set per quantization state (FP / quantized)."""
     layers = [m for _, m in fake_quant_layers(denoiser)]
     return use_cuda_graphs(denoiser, state_key=lambda: tuple(m.quant_on for m in layers))
+
+
+def device_info(device) -> dict:
+    """The card and the peak GPU memory of this process (what a paper row needs per GPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu": torch.cuda.get_device_name(device),
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}

@@ -4,7 +4,9 @@
 - hub:   the resolved commit of the snapshot (a branch name such as `main` moves), or for a local
          snapshot (`model.local_path`) the hub's recorded file hashes, else the files' own sha256;
 - tiny:  a digest of every tensor of the pipeline built in code, and of its components' configs and
-         tokenizers' vocabularies.
+         tokenizers' vocabularies;
+- random: what makes the random weights (random_arch.py): the sha256 of the architecture file, the size,
+         variant and init seed, and the tokenizers' word list (the device is part of every key already).
 Digests of files are memoised per process by (path, size, mtime).
 """
 from __future__ import annotations
@@ -63,6 +65,12 @@ def weights_identity(model_cfg, pipe=None) -> dict:
             raise ValueError("the identity of an in-code model needs its pipeline")
         modules = {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
         return {"tensors": modules_digest(modules), "configs": components_config_digest(pipe)}
+    if source == "random":
+        from .random_arch import arch_path, vocabulary_digest
+
+        return {"arch": model_cfg.arch, "arch_sha256": file_digest(arch_path(model_cfg.arch)),
+                "arch_size": model_cfg.get("arch_size", "full"), "arch_variant": model_cfg.get("arch_variant"),
+                "seed": int(model_cfg.get("seed", 0)), "vocabulary": vocabulary_digest()}
     if source == "hub":
         if model_cfg.get("local_path"):
             return {"local_files": local_snapshot_digest(Path(model_cfg.local_path))}

@@ -1,4 +1,5 @@
-"""Loading a model's diffusers pipeline: from the hub (or a local snapshot), the bench weights, or in code."""
+"""Loading a model's diffusers pipeline: from the hub (or a local snapshot), the bench weights, or in code
+(tiny test pipelines; the real architectures with random weights, random_arch.py)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ from .families import get_family
 from .tiny import build_tiny
 
 log = logging.getLogger(__name__)
-SOURCES = ("hub", "bench", "tiny")
+SOURCES = ("hub", "bench", "tiny", "random")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,10 +40,14 @@ def load_pipeline(model_cfg, device: torch.device):
         pipe = load_bench_pipeline(model_cfg.name, device="cpu", dtype=torch.float32)
     elif source == "hub":
         pipe = _from_hub(model_cfg, family.pipeline_class, dtype)
+    elif source == "random":
+        from .random_arch import build_random
+
+        pipe = build_random(model_cfg, family, device, dtype)   # built in place: the moves below are no-ops
     else:
         raise ValueError(f"unknown model source {source!r}; choose one of {SOURCES}")
     pipe = pipe.to(device)
-    if pipe.dtype != dtype:  # hub weights already load in `dtype`; tiny/bench ones are float32
+    if pipe.dtype != dtype:  # hub and random weights already are in `dtype`; tiny/bench ones are float32
         pipe = pipe.to(dtype=dtype)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
@@ -62,6 +67,13 @@ def check_available(model_cfg) -> None:
         if not weights_available():
             raise ModelUnavailable(f"the bench weights in {WEIGHTS_DIR} are incomplete; reinstall qdrift or "
                                    "regenerate them (experiments/train_bench.py, README bench section)")
+    if model_cfg.source == "random":
+        from .random_arch import check_arch
+
+        try:
+            check_arch(model_cfg, get_family(model_cfg.family))
+        except ValueError as err:
+            raise ModelUnavailable(f"{model_cfg.name} (model.source=random): {err}") from None
     if model_cfg.source != "hub":
         return
     local = model_cfg.get("local_path")

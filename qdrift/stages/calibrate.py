@@ -11,6 +11,7 @@ import logging
 import math
 
 from qdrift.cache import Artifact, atomic_write_json, config_key
+from qdrift.distributed import barrier, shard, world
 from qdrift.drift import CALIBRATION_VERSION, CalibrationPool, calibrate_batch
 from qdrift.progress import progress
 from qdrift.quant import quant_enabled
@@ -47,18 +48,21 @@ def stats_key(ctx, plan) -> str:
 
 def calibrate_stage(ctx) -> CalibrationPool:
     plan = calib_plan(ctx)
-    todo = [item for item in plan if not item[0].verify()]
+    mine = shard(plan)   # torchrun: block b on rank b mod N (all of them in one process)
+    todo = [item for item in mine if not item[0].verify()]
     if todo:
         log.info("Q-Drift calibration: %d of %d blocks of %d runs to compute", len(todo), len(plan),
                  int(ctx.cfg.calib.batch_size))
     for art, prompts, seeds in progress(todo, desc="Q-Drift calibration", unit="block", disable=not todo):
         art.ensure(lambda staging, p=prompts, s=seeds: _calibrate_block(ctx, p, s, staging))
+    barrier()            # every rank needs the whole pool (each corrector's images read it)
     parts = [CalibrationPool.load(art.file(POOL_FILE)) for art, _, _ in plan]
     pool = parts[0]
     for part in parts[1:]:
         pool = pool.extend(part)
     ctx.stats_key = stats_key(ctx, plan)
-    export_stats(ctx, pool)
+    if world().is_main:
+        export_stats(ctx, pool)
     return pool
 
 

@@ -24,7 +24,9 @@ def device_kind(device: torch.device) -> str:
     """The device as far as it can change floating-point results: another GPU model may round differently."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
+    # CPU kernels split reductions over threads, so another thread count rounds differently (measured:
+    # 1 vs 2 threads change a few PNGs of a tiny run; torchrun starts each rank with one thread).
+    return f"{device.type}:{torch.get_num_threads()} threads"
 
 
 def software_versions() -> dict[str, str]:

@@ -5,8 +5,10 @@ import logging
 from pathlib import Path
 
 from qdrift.cache import Artifact, copy_file, text_hash
-from qdrift.models.identity import file_digest
+from qdrift.distributed import barrier, main_first, shard, world
 from qdrift.eval import ClipImageFeatures, ClipScorer, InceptionFeatures, PixelFeatures, evaluate_variants, load_openclip
+from qdrift.eval.features import feature_cache
+from qdrift.models.identity import file_digest
 
 log = logging.getLogger("qdrift")
 
@@ -64,10 +66,22 @@ def reference_dir(ctx) -> Path | None:
     return dst
 
 
-def evaluate_stage(ctx, dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+def evaluate_stage(ctx, dirs: dict[str, Path]) -> dict[str, dict[str, float]] | None:
+    """Every metric, on rank 0; under torchrun the ranks first extract features of a share of the
+    directories each (cached next to the images, where rank 0 then reads them). None on other ranks."""
     e = ctx.cfg.eval
+    main = world().is_main
+    with main_first():
+        refs = reference_dir(ctx) if main else (None if e.reference == "none" else ctx.run_dir / "references")
+    features = feature_extractor(ctx)
+    if world().distributed:
+        for d in shard([*dirs.values(), *([refs] if refs is not None else [])]):
+            feature_cache(d, features)
+        barrier()
+    if not main:
+        return None
     return evaluate_variants(
-        dirs, ctx.prompts, reference_dir(ctx), feature_extractor(ctx), clip_scorer(ctx),
+        dirs, ctx.prompts, refs, features, clip_scorer(ctx),
         fp="fp", baseline="quant", num_resamples=int(e.num_resamples), seed=int(ctx.cfg.seed),
         kid_subset_size=min(int(e.kid_subset_size), len(ctx.prompts)), lpips_weights=e.get("lpips_weights"),
         batch_size=METRIC_BATCH, device=ctx.device,

@@ -10,9 +10,11 @@ batches. The run dir gets copies, never links into the cache.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from qdrift.cache import Artifact, atomic_save_image, copy_file, plain
+from qdrift.distributed import barrier, shard
 from qdrift.drift import CORRECTOR_VERSIONS, CalibrationPool, make_corrector, wrap_scheduler
 from qdrift.progress import progress
 from qdrift.prompts import to_pil
@@ -56,20 +58,28 @@ def batch_artifacts(ctx, key: dict) -> list[tuple[Artifact, list[int]]]:
 
 
 def generate_stage(ctx, pool: CalibrationPool | None) -> dict[str, Path]:
-    dirs = {}
+    """Every variant's images; under torchrun each rank makes its share of all variants' batches."""
+    plan = {name: batch_artifacts(ctx, variant_key(ctx, spec, name != "fp" and ctx.quantized))
+            for name, spec in variants(ctx).items()}
+    # Batch j of all variants, in order, goes to rank j mod N: a balanced share, the same on every rank.
+    mine = {id(art) for art, _ in shard([item for arts in plan.values() for item in arts])}
     for name, spec in variants(ctx).items():
-        quantized = name != "fp" and ctx.quantized
-        hook = corrector_for(ctx, name, spec, pool) if spec is not None else None
-        arts = batch_artifacts(ctx, variant_key(ctx, spec, quantized))
-        todo = [(art, batch) for art, batch in arts if not art.verify()]
+        hook = corrector_for(ctx, name, spec, pool) if spec is not None else None   # checks the statistics
+        todo = [(art, batch) for art, batch in plan[name] if id(art) in mine and not art.verify()]
         if not todo:
             log.info("%s: %d images cached", name, len(ctx.prompts))
+            continue
         scheduler = wrap_scheduler(ctx.base_scheduler, hook)
-        with quant_enabled(ctx.denoiser, quantized):
-            for art, batch in progress(todo, desc=f"generate {name}", unit="batch", disable=not todo):
+        start = time.perf_counter()
+        with quant_enabled(ctx.denoiser, name != "fp" and ctx.quantized):
+            for art, batch in progress(todo, desc=f"generate {name}", unit="batch"):
                 art.ensure(lambda staging, b=batch: _render(ctx, b, scheduler, staging), quiet=True)
-        dirs[name] = _expose(ctx, name, arts)
-    return dirs
+        # Seconds per image of this variant, over this process's computed batches (padding included).
+        ctx.timings[f"s_per_image/{name}"] = round((time.perf_counter() - start) / (len(todo) * len(todo[0][1])), 4)
+    for name, arts in plan.items():   # each rank copies its share into the run dir
+        _expose(ctx, name, [item for item in arts if id(item[0]) in mine])
+    barrier()   # every image is in place before any rank extracts features
+    return {name: ctx.run_dir / "images" / name for name in plan}
 
 
 def _render(ctx, batch: list[int], scheduler, staging: Path) -> None:
@@ -79,7 +89,7 @@ def _render(ctx, batch: list[int], scheduler, staging: Path) -> None:
         atomic_save_image(to_pil(img.float()), staging / f"{j}.png")
 
 
-def _expose(ctx, name: str, arts) -> Path:
+def _expose(ctx, name: str, arts) -> None:
     """images/<variant>/<index>.png in the run dir: copies of the evaluated images (not the padding)."""
     dst = ctx.run_dir / "images" / name
     n = len(ctx.prompts)
@@ -87,4 +97,3 @@ def _expose(ctx, name: str, arts) -> Path:
         for j, i in enumerate(batch):
             if i < n:
                 copy_file(art.file(f"{j}.png"), dst / f"{i}.png")
-    return dst

@@ -1,0 +1,130 @@
+"""Scaling out on existing engines: Hydra's launchers run a sweep's jobs in parallel on one shared
+cache, and torchrun splits one run over processes, with the same images and metrics as one process."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qdrift.launch import SweepMonitor
+
+from .conftest import CONF
+from .test_cache_runs import QUANT, ROOT, pngs
+
+TINY = ["model=tiny_pixart", "eval=smoke", "eval.num_prompts=4", "batch_size=2", "sampler.steps=3", *QUANT,
+        "logger=none", "hydra.verbose=qdrift"]   # image batches log their building at DEBUG
+ENV = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+           QDRIFT_PROGRESS_INTERVAL="1")
+
+
+def qdrift(args: list[str], timeout: int = 900, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*(launcher or [sys.executable]), "run.py", *args], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def job_dirs(sweep_root: Path) -> dict[str, Path]:
+    """Each finished job's directory, by its K and corrector."""
+    out = {}
+    for metrics in sweep_root.rglob("metrics.json"):
+        cfg = json.loads((metrics.parent / "config.json").read_text())
+        out[f"K={cfg['calib']['num_runs']},{next(iter(cfg['corrector']))}"] = metrics.parent
+    return out
+
+
+@pytest.mark.slow
+def test_submitit_sweep_shares_work_and_equals_separate_runs(tmp_path):
+    """A 2x2 sweep (K x corrector) on submitit's local executor: every job finishes, the quantized model,
+    the calibration block and the FP / quantized images are computed once, and every job's metrics and
+    images equal those of the same setting run alone on an empty cache."""
+    sweep = qdrift(["-m", "hydra/launcher=submitit_local", *TINY, f"output_root={tmp_path}/sweep",
+                    "calib.num_runs=1,2", "corrector=qdrift,qdrift_exact"])
+    logs = "".join(p.read_text() for p in (tmp_path / "sweep").rglob("*.log"))
+    computed = re.findall(r"cache: computing (\S+)", logs)
+    assert len(computed) == len(set(computed))                        # nothing computed twice
+    assert len([c for c in computed if c.startswith("quant/")]) == 1
+    assert len([c for c in computed if c.startswith("calib/")]) == 1  # K = 1 and 2 share the first block
+    # 2 batches each: FP and quantized once, plus 4 corrected variants (2 correctors x 2 K)
+    assert len([c for c in computed if c.startswith("images/")]) == 2 * (2 + 4)
+    assert "sweep: 4/4 jobs done (0 failed)" in sweep.stdout + sweep.stderr   # the launcher's progress log
+
+    jobs = job_dirs(tmp_path / "sweep")
+    assert sorted(jobs) == ["K=1,qdrift", "K=1,qdrift_exact", "K=2,qdrift", "K=2,qdrift_exact"]
+    for i, (setting, job) in enumerate(sorted(jobs.items())):
+        k, corrector = setting[2:].split(",")
+        alone = Path(qdrift([*TINY, f"calib.num_runs={k}", f"corrector={corrector}",
+                             f"output_root={tmp_path}/alone{i}"]).stdout.strip().splitlines()[-1])
+        assert json.loads((job / "metrics.json").read_text())["variants"] == \
+            json.loads((alone / "metrics.json").read_text())["variants"]
+        assert pngs(job) == pngs(alone)
+
+
+@pytest.mark.slow
+def test_local_launcher_preset_runs_jobs_in_parallel_processes(tmp_path):
+    out = qdrift(["-m", "hydra/launcher=local", *TINY, "corrector=none", f"output_root={tmp_path}",
+                  "seed=0,1"])
+    assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+    assert len(list(tmp_path.rglob("metrics.json"))) == 2
+
+
+def test_slurm_preset_sets_the_documented_resources():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                 "hydra.launcher.gpus_per_node=2"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node) == ("gpu", 2)
+    for key in ("cpus_per_task", "mem_gb", "timeout_min", "array_parallelism", "nodes", "signal_delay_s"):
+        assert launcher[key] is not None, key
+
+
+def test_sweep_monitor_counts_finished_and_failed_jobs(tmp_path):
+    monitor = SweepMonitor(tmp_path, total=3)
+    assert monitor.line().startswith("sweep: 0/3 jobs done (0 failed)")
+    for name, status in (("0_a", "done"), ("1_b", "failed")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status.json").write_text(json.dumps({"status": status}))
+    (tmp_path / "2_c").mkdir()   # still running
+    line = monitor.line()
+    assert line.startswith("sweep: 2/3 jobs done (1 failed)") and "left" in line
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo): the ranks split calibration blocks and image batches, and the
+    run gives the same images and metrics as one process (one thread each, as torchrun sets)."""
+    args = ["model=tiny_pixart", "eval=smoke", "eval.num_prompts=6", "batch_size=2", "sampler.steps=3", *QUANT,
+            "logger=none", "calib.num_runs=3", "calib.batch_size=1", "corrector=all"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = qdrift([*args, f"output_root={tmp_path}/two"], launcher=launcher)
+    one = qdrift([*args, f"output_root={tmp_path}/one"])
+    run_two, run_one = (Path(p.stdout.strip().splitlines()[-1]) for p in (two, one))
+    assert len([p for p in (tmp_path / "two" / "runs").glob("*/*") if p.is_dir()]) == 1   # one run dir
+    assert json.loads((run_two / "metrics.json").read_text())["variants"] == \
+        json.loads((run_one / "metrics.json").read_text())["variants"]
+    assert pngs(run_two) == pngs(run_one)
+    rank1 = (run_two / "run_rank1.log").read_text()
+    assert re.search(r"rank1\] Q-Drift calibration: 1 of 3 blocks", rank1)   # its share: block 1 of 0, 1, 2
+    assert re.search(r"rank1\] generate qdrift: \d+/\d+ batch", rank1)
+
+
+def test_cpu_thread_count_is_part_of_the_device_key():
+    from qdrift.stages.context import device_kind
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = device_kind(torch.device("cpu"))
+        torch.set_num_threads(2)
+        assert device_kind(torch.device("cpu")) != one
+    finally:
+        torch.set_num_threads(threads)
