@@ -1,45 +1,8 @@
-"""qdrift entry point: `python run.py model=pixart quant=svdquant_w3a4 sampler=dpmpp calib.num_runs=5`."""
-from __future__ import annotations
+"""qdrift entry point: `python run.py model=pixart quant=svdquant_w3a4 sampler=dpmpp calib.num_runs=5`.
 
-import sys
-
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from qdrift import distributed
-from qdrift.cache import CacheError
-from qdrift.config import ConfigError, run_id, set_run_id  # also registers the config's resolvers
-from qdrift.eval import format_header, format_table
-from qdrift.signals import Terminated, terminate_on_sigterm
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    from qdrift import runner
-
-    run_dir = HydraConfig.get().runtime.output_dir
-    try:
-        with terminate_on_sigterm():   # scancel / time limit: the runner's cleanup still runs
-            result = runner.run(cfg, run_dir)
-    except (ConfigError, CacheError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except Terminated:
-        print(f"error: terminated (SIGTERM); {run_dir} keeps what was finished and a rerun resumes from the cache",
-              file=sys.stderr)
-        raise
-    if result is None:   # a torchrun rank after the first: rank 0 prints and logs
-        return
-    print(format_header(result["config"], result["num_prompts"]))
-    print(format_table(result["variants"]))
-    print(run_dir)  # the last line is the run directory
-
+The same as `qdrift run ...` (qdrift/app.py); the configs live in qdrift/conf (conf/ links there).
+"""
+from qdrift.app import main
 
 if __name__ == "__main__":
-    if distributed.init().distributed:   # torchrun: every rank names the run directory as rank 0 does
-        set_run_id(distributed.broadcast(run_id()))
-    try:
-        main()
-    finally:
-        distributed.finish()
+    main()

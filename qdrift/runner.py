@@ -6,6 +6,7 @@ stats/ and the resolved config.
 """
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,7 +57,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if main:
         atomic_write_json(run_dir / "config.json", config)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tracker = WandbLogger(cfg.logger if main else NO_LOGGER, run_dir, config, name=run_dir.name)
+    tracker = WandbLogger(cfg.logger if main else NO_LOGGER, run_dir, config)
     failed = True
     try:
         with ctx.stage("build"):
@@ -80,6 +81,8 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
                   "device": str(ctx.device), "num_prompts": len(ctx.prompts), **device_info(ctx.device)}
         atomic_write_json(run_dir / "metrics.json", result)
         tracker.log_results(metrics, ctx.timings, dirs, ctx.prompts, int(cfg.logger.get("log_images", 0)))
+        if (run_dir / "stats" / "summary.json").is_file():
+            tracker.log_steps(json.loads((run_dir / "stats" / "summary.json").read_text()))
         failed = False
         return result
     finally:

@@ -1,6 +1,7 @@
 """W&B under a scheduler: SIGTERM still finishes the run, and online mode without network gives up quickly."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import struct
@@ -162,3 +163,59 @@ def test_init_timeout_reaches_wandb(monkeypatch, tmp_path):
     cfg = OmegaConf.create({"kind": "wandb", "mode": "online", "project": "p", "init_timeout": 3.5})
     assert WandbLogger(cfg, tmp_path, {}, name="x").run is None
     assert seen["settings"].init_timeout == 3.5
+
+
+def wandb_records(path: Path) -> list:
+    """The records of an offline run's .wandb file: W&B's log format (a 7-byte file header, then 32 KiB
+    blocks of chunks, each a 7-byte header of crc32, little-endian length and type: 1 full, 2 first,
+    3 middle, 4 last), each record a protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, block, pos, records, pending = path.read_bytes(), 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:                 # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0 and length == 0:
+            break
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+@pytest.mark.slow
+def test_offline_sweep_runs_are_grouped_tagged_with_step_history_and_local_images(tmp_path):
+    """A 2-job K sweep with offline W&B: both runs in one group named after the sweep, tagged with model,
+    sampler, quantizer, corrector and K, a per-step history of V_i, and the image files inside each run dir."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("WANDB_MODE", None)
+    proc = subprocess.run([sys.executable, "run.py", "-m", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=4",
+                           "batch_size=2", "sampler.steps=3", "logger=wandb", "logger.mode=offline",
+                           "logger.log_images=2", f"output_root={tmp_path}", "calib.num_runs=1,2", "quant=rtn_w4a8",
+                           "++quant.calib_prompts=2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.rglob("metrics.json"))
+    assert len(runs) == 2
+    groups = set()
+    for k, run_dir in zip((1, 2), runs):
+        wandb_file = next(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+        records = wandb_records(wandb_file)
+        run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        groups.add(run.run_group)
+        assert run.job_type == "sweep-job" and run.display_name.startswith(f"tiny_pixart-rtn_w4a8-dpmpp-K{k}-")
+        assert {"model:tiny_pixart", "sampler:dpmpp", "quant:rtn_w4a8", "corrector:qdrift", f"K:{k}"} <= set(run.tags)
+        steps = [{i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+                 for r in records if r.WhichOneof("record_type") == "history"]
+        per_step = [h for h in steps if "per_step/V_i" in h]
+        assert [int(h["step"]) for h in per_step] == [0, 1, 2]   # one history row per sampling step
+        summary = json.loads((run_dir / "stats" / "summary.json").read_text())
+        assert [float(h["per_step/V_i"]) for h in per_step] == pytest.approx(
+            [v[0] for v in summary["residual_var_scalar"]])
+        media = list(run_dir.glob("wandb/offline-run-*/files/media/images/samples/*.png"))
+        assert len(media) == 3 * 2   # fp, quant, qdrift x 2 prompts, inside the run dir
+    assert len(groups) == 1 and next(iter(groups)).startswith("sweep-")

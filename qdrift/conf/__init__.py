@@ -1,0 +1,1 @@
+"""qdrift's Hydra configs (a package, so that Hydra finds them in an installed qdrift)."""

@@ -1,0 +1,134 @@
+"""The report's figures, each a function returning PNG bytes (matplotlib, no display needed).
+
+- `image_grid`: FP / quantized / each corrector / reference for the same prompts (paper Fig. 1);
+- `fid_vs_k_figure`: FID of every variant against the calibration size K (Fig. 2, right);
+- `residual_variance_figure`: the residual variance V_i of the guided error per step (Fig. 3);
+- `gap_recovered_figure`: the share of the FP-quantized FID gap each corrector closes, with CIs.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from PIL import Image  # noqa: E402
+
+THUMB = 128   # pixels per grid cell
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def image_grid(run_dir: Path, num_prompts: int, count: int = 6) -> bytes | None:
+    """Rows = variants (fp, quant, correctors) and the reference; columns = the first `count` prompts."""
+    images = Path(run_dir) / "images"
+    if not images.is_dir():
+        return None
+    order = ["fp", "quant"]
+    names = order + sorted(p.name for p in images.iterdir() if p.is_dir() and p.name not in order)
+    rows = [(n, images / n) for n in names if (images / n).is_dir()]
+    if (Path(run_dir) / "references").is_dir():
+        rows.append(("reference", Path(run_dir) / "references"))
+    cols = [i for i in range(min(count, num_prompts)) if all((d / f"{i}.png").is_file() for _, d in rows)]
+    if not rows or not cols:
+        return None
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.3 * len(cols) + 0.8, 1.3 * len(rows)), squeeze=False)
+    for r, (name, d) in enumerate(rows):
+        for c, i in enumerate(cols):
+            ax = axes[r][c]
+            img = Image.open(d / f"{i}.png").convert("RGB")
+            img.thumbnail((THUMB, THUMB))
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+            if r == 0:
+                ax.set_title(f"#{i}", fontsize=8)
+    return _png(fig)
+
+
+def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]]) -> bytes:
+    """Per setting (x) and corrector (bars): gap recovered in %, with the CI as error bars."""
+    correctors = list(dict.fromkeys(c for g in gaps for c in g))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) * max(1, len(correctors)) / 2), 3.2))
+    width = 0.8 / max(1, len(correctors))
+    for j, c in enumerate(correctors):
+        xs, ys, err = [], [], [[], []]
+        for i, g in enumerate(gaps):
+            if g.get(c) is None:
+                continue
+            val, lo, hi = (100 * x for x in g[c])
+            xs.append(i + (j - (len(correctors) - 1) / 2) * width)
+            ys.append(val)
+            err[0].append(max(0.0, val - lo))
+            err[1].append(max(0.0, hi - val))
+        ax.bar(xs, ys, width, yerr=err, capsize=3, label=c)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("gap recovered (%)")
+    ax.set_xlabel("setting")
+    if correctors:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def fid_vs_k_groups(runs, keys: list[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Runs that differ only in K, grouped: {setting: {variant: [(K, FID), ...]}} (groups of 2+ K)."""
+    from qdrift.report import setting_value
+
+    groups: dict[str, list] = defaultdict(list)
+    for r in runs:
+        rest = json.dumps({k: setting_value(r, k) for k in keys if k != "calib.num_runs"}, sort_keys=True,
+                          default=str)
+        groups[rest].append(r)
+    out = {}
+    for rest, members in groups.items():
+        if len({r.flat.get("calib.num_runs") for r in members}) < 2:
+            continue
+        series: dict[str, list] = defaultdict(list)
+        for r in sorted(members, key=lambda r: int(r.flat.get("calib.num_runs"))):
+            for v, m in r.variants.items():
+                if "fid" in m:
+                    series[v].append((int(r.flat["calib.num_runs"]), m["fid"]))
+        label = " ".join(f"{k.split('.')[-1]}={v}" for k, v in json.loads(rest).items())
+        if series:   # runs without references have no FID
+            out[label] = dict(series)
+    return out
+
+
+def fid_vs_k_figure(groups: dict[str, dict[str, list[tuple[int, float]]]]) -> bytes:
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
+    for ax, (label, series) in zip(axes[0], groups.items()):
+        for v, points in series.items():
+            ks, fids = zip(*points)
+            ax.plot(ks, fids, marker="o", label=v, ls="--" if v in ("fp", "quant") else "-")
+        ax.set_xscale("log")
+        ax.set_xlabel("calibration size K")
+        ax.set_ylabel("FID")
+        ax.set_title(label, fontsize=7)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def residual_variance_figure(stats: list[tuple[str, dict]]) -> bytes:
+    """V_i (scalar pooling) per sampling step, one line per run: the late-step growth of Fig. 3."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, s in stats:
+        v = [row[0] if isinstance(row, list) else row for row in s["residual_var_scalar"]]
+        ax.plot(range(len(v)), v, marker=".", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling step i")
+    ax.set_ylabel("residual variance V_i")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _png(fig)

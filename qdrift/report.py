@@ -1,0 +1,247 @@
+"""A local report of runs and sweeps: one self-contained HTML page, plus the table as CSV and Markdown.
+
+    python -m qdrift.report outputs/multirun/2026-11-30/12-00-00_ab12cd --out report.html
+    qdrift report RUN_OR_SWEEP_DIR [...] --out report.html
+
+Every run directory below the given paths (those with metrics.json) is one row. The table keeps
+every config key whose value differs between the runs (a sweep's swept keys), and per variant FID,
+KID, CLIP, the FID delta vs the quantized model [95% CI] and the gap recovered,
+(FID quant - FID corrected) / (FID quant - FID FP). Figures are PNGs embedded in the page, so it
+opens anywhere without network; image grids show the same prompts for every variant.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import html
+import io
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+BASELINES = ("fp", "quant")
+FIXED = ("model.name", "sampler.name", "sampler.steps", "quant.name", "calib.num_runs")
+GROUPS_IN_FIXED = ("model", "sampler", "quant")   # their option names are the fixed columns' *.name
+IGNORED = ("output_root", "cache_dir", "logger", "device")
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: dict
+    config: dict
+    overrides: list[str]
+    stats: dict | None = None
+    flat: dict = field(default_factory=dict)
+
+    @property
+    def variants(self) -> dict:
+        return self.metrics["variants"]
+
+    @property
+    def correctors(self) -> list[str]:
+        return [v for v in self.variants if v not in BASELINES]
+
+    def command(self) -> str:
+        return "python run.py " + " ".join(self.overrides)
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    """Every run directory (one with metrics.json) at or below `paths`, in path order."""
+    runs = []
+    for root in paths:
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        found = [root / "metrics.json"] if (root / "metrics.json").is_file() else sorted(root.rglob("metrics.json"))
+        for m in found:
+            d = m.parent
+            metrics = json.loads(m.read_text())
+            overrides_file = d / ".hydra" / "overrides.yaml"
+            overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+            stats_file = next((f for f in (d / "stats" / "summary.json", d / "stats_summary.json") if f.is_file()), None)
+            run = Run(d, metrics, metrics["config"], [str(o) for o in overrides],
+                      json.loads(stats_file.read_text()) if stats_file else None)
+            run.flat = _flatten(run.config)
+            runs.append(run)
+    if not runs:
+        raise FileNotFoundError(f"no run directory (with metrics.json) under {', '.join(map(str, paths))}")
+    return runs
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not key.startswith("corrector"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+    return out
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """The setting's columns: the fixed ones, then every overridden key whose value differs between runs
+    (a sweep's swept keys; a config group such as `corrector` counts by its option name)."""
+    named = sorted({o.split("=", 1)[0].lstrip("+~") for r in runs for o in r.overrides if "=" in o})
+    varying = [k for k in named if k not in FIXED and k not in GROUPS_IN_FIXED and not k.startswith(IGNORED)
+               and not k.startswith("hydra") and len({setting_value(r, k) for r in runs}) > 1]
+    return [*FIXED, *varying]
+
+
+def _override(run: Run, key: str) -> str:
+    values = [o.split("=", 1)[1] for o in run.overrides if o.split("=", 1)[0].lstrip("+~") == key]
+    return values[-1] if values else ""
+
+
+def setting_value(run: Run, key: str) -> str:
+    """As given on the command line (a group by its option name), else the config's value of a plain key."""
+    given = _override(run, key)
+    if given or key not in run.flat:
+        return given
+    value = str(run.flat[key])
+    return "" if value.startswith("{") else value
+
+
+def gap_recovered(m: dict, variant: str) -> tuple[float, float, float] | None:
+    """(gap, low, high): the share of the FP-to-quantized FID gap a corrector closes, with the 95% CI
+    of its paired FID delta mapped onto that scale (the FP-quantized gap taken as fixed)."""
+    try:
+        fp, q, c = m["fp"]["fid"], m["quant"]["fid"], m[variant]["fid"]
+    except KeyError:
+        return None
+    gap = q - fp
+    if not gap or math.isclose(gap, 0.0):
+        return None
+    v = m[variant]
+    lo, hi = v.get("fid_delta_ci_low"), v.get("fid_delta_ci_high")
+    return ((q - c) / gap, -hi / gap if hi is not None else math.nan, -lo / gap if lo is not None else math.nan)
+
+
+def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    keys = varying_keys(runs)
+    variants = list(dict.fromkeys([*BASELINES, *(v for r in runs for v in r.variants)]))
+    header = [*keys]
+    for v in variants:
+        header += [f"{v} FID", f"{v} KIDx1e3", f"{v} CLIP"]
+        if v not in BASELINES:
+            header += [f"{v} FID delta [95% CI]", f"{v} gap recovered [95% CI]"]
+    rows = []
+    for r in runs:
+        row = [str(r.flat.get(k)) if k in FIXED else setting_value(r, k) for k in keys]
+        for v in variants:
+            m = r.variants.get(v, {})
+            row += [_f(m.get("fid"), ".4f"), _f(None if m.get("kid_mean") is None else 1e3 * m["kid_mean"], ".3f"),
+                    _f(m.get("clip_score"), ".2f")]
+            if v not in BASELINES:
+                delta = next((m[k] for k in m if k.startswith("fid_delta_vs_")), None)
+                row.append("-" if delta is None else
+                           f"{delta:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]")
+                g = gap_recovered(r.variants, v) if v in r.variants else None
+                row.append("-" if g is None else f"{100 * g[0]:+.0f} % [{100 * g[1]:+.0f}, {100 * g[2]:+.0f}]")
+        rows.append(row)
+    return header, rows
+
+
+def _f(x, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run_label(r: Run, keys: list[str]) -> str:
+    short = {"calib.num_runs": "K", "sampler.name": "sampler", "sampler.steps": "steps", "model.name": "model",
+             "quant.name": "quant"}
+    return " ".join(f"{short.get(k, k)}={r.flat.get(k) if k in FIXED else setting_value(r, k)}" for k in keys)
+
+
+def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[str, Path]:
+    """Render the page and the table files; returns their paths."""
+    from qdrift import figures
+
+    runs = load_runs(paths)
+    header, rows = table_rows(runs)
+    keys = varying_keys(runs)
+    # Figure labels name only what differs between the runs.
+    differ = [k for k in keys if len({run_label(r, [k]) for r in runs}) > 1] or keys[:1]
+    labels = [run_label(r, differ) for r in runs]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out.with_suffix(".csv"), out.with_suffix(".md")
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    md_path.write_text(markdown(header, rows))
+
+    figs = {"Gap recovered per setting (95% CI)": figures.gap_recovered_figure(
+        labels, [{v: gap_recovered(r.variants, v) for v in r.correctors} for r in runs])}
+    k_sweep = figures.fid_vs_k_groups(runs, keys)
+    if k_sweep:
+        figs["FID vs K"] = figures.fid_vs_k_figure(k_sweep)
+    stats = [(lab, r.stats) for lab, r in zip(labels, runs) if r.stats]
+    if stats:
+        figs["Residual variance V_i per step"] = figures.residual_variance_figure(stats)
+
+    parts = [f"<h1>qdrift report</h1><p>{len(runs)} run(s) from {html.escape(', '.join(map(str, paths)))}</p>",
+             "<h2>Table</h2>", _html_table(header, rows)]
+    for title, png in figs.items():
+        parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{_data_uri(png)}'>")
+    parts.append("<h2>Runs</h2>")
+    for lab, r in zip(labels, runs):
+        parts.append(f"<h3>{html.escape(run_label(r, keys))}</h3><p><code>{html.escape(r.command())}</code><br>"
+                     f"<small>{html.escape(str(r.path))}</small></p>")
+        grid = figures.image_grid(r.path, r.metrics.get("num_prompts", 0), grid_prompts)
+        if grid is not None:
+            parts.append(f"<img alt='image grid' src='{_data_uri(grid)}'>")
+    out.write_text(PAGE.format(body="\n".join(parts)))
+    return {"html": out, "csv": csv_path, "md": md_path}
+
+
+def _html_table(header, rows) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+PAGE = """<!doctype html><html><head><meta charset="utf-8"><title>qdrift report</title><style>
+body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; font-size: 12px; }}
+td, th {{ border: 1px solid #ccc; padding: 3px 6px; text-align: right; }} img {{ max-width: 100%; }}
+</style></head><body>
+{body}
+<script>/* for headless checks (tests/test_report.py): how many images decoded */
+window.addEventListener("load", () => {{ const imgs = [...document.images];
+  document.body.dataset.images = imgs.length;
+  document.body.dataset.rendered = imgs.filter(i => i.complete && i.naturalWidth > 0).length; }});
+</script>
+</body></html>
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="qdrift report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("dirs", nargs="+", type=Path, help="run directories, sweep directories or any folder above them")
+    ap.add_argument("--out", type=Path, default=Path("report.html"))
+    ap.add_argument("--grid-prompts", type=int, default=6, help="prompts per image grid")
+    args = ap.parse_args(argv)
+    try:
+        written = write_report(args.dirs, args.out, args.grid_prompts)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(str(p) for p in written.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

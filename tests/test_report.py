@@ -1,0 +1,136 @@
+"""The local report: a K sweep's runs become table rows with K as a column, figures carry the expected
+axes, image grids show every variant, and `qdrift` runs and reports from an installed package."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import matplotlib
+import pytest
+from PIL import Image
+
+from qdrift import figures
+from qdrift.report import gap_recovered, load_runs, table_rows, write_report
+
+from .test_cache_runs import ROOT
+
+ENV = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+BENCH_RESULTS = ROOT / "experiments" / "results" / "bench_table"
+
+
+def _axes_of(png: bytes):
+    return Image.open(io.BytesIO(png))
+
+
+def test_gap_recovered_maps_the_delta_ci():
+    m = {"fp": {"fid": 1.0}, "quant": {"fid": 2.0},
+         "qdrift": {"fid": 1.5, "fid_delta_ci_low": -0.7, "fid_delta_ci_high": -0.3}}
+    assert gap_recovered(m, "qdrift") == pytest.approx((0.5, 0.3, 0.7))
+    m["quant"]["fid"] = 1.0   # no gap: nothing to recover
+    assert gap_recovered(m, "qdrift") is None
+
+
+def test_figures_have_the_expected_axes(monkeypatch):
+    """Each figure function on synthetic data: the axes it draws carry the paper's quantities."""
+    seen = []
+    real = figures._png
+
+    def capture(fig):
+        seen.append([(ax.get_xlabel(), ax.get_ylabel(), ax.get_yscale(), len(ax.patches), len(ax.lines))
+                     for ax in fig.axes])
+        return real(fig)
+
+    monkeypatch.setattr(figures, "_png", capture)
+    gap = figures.gap_recovered_figure(["a", "b"], [{"qdrift": (0.4, 0.1, 0.7), "ptqd": (-0.1, -0.3, 0.1)},
+                                                   {"qdrift": (0.2, 0.0, 0.4), "ptqd": None}])
+    assert seen[-1][0][:4] == ("setting", "gap recovered (%)", "linear", 3)   # three bars
+    k = figures.fid_vs_k_figure({"s": {"quant": [(1, 2.0), (5, 2.0)], "qdrift": [(1, 1.9), (5, 1.7)]}})
+    assert seen[-1][0][:3] == ("calibration size K", "FID", "linear") and seen[-1][0][4] == 2   # two lines
+    v = figures.residual_variance_figure([("run", {"residual_var_scalar": [[1e-3], [1e-2], [1e-1]]})])
+    assert seen[-1][0][:3] == ("sampling step i", "residual variance V_i", "log") and seen[-1][0][4] == 1
+    for png in (gap, k, v):
+        assert _axes_of(png).size[0] > 200
+
+
+def test_report_of_the_committed_bench_table(tmp_path):
+    out = write_report([BENCH_RESULTS], tmp_path / "r.html")
+    runs = load_runs([BENCH_RESULTS])
+    header, rows = table_rows(runs)
+    assert len(rows) == len(runs) == len(list(BENCH_RESULTS.glob("*/metrics.json")))
+    md = out["md"].read_text()
+    assert md.count("\n") == len(rows) + 2 and "qdrift gap recovered [95% CI]" in md
+    page = out["html"].read_text()
+    assert "<h2>Gap recovered per setting (95% CI)</h2>" in page and "Residual variance V_i" in page
+    assert "http://" not in page and "https://" not in page   # self-contained: nothing to fetch
+
+
+@pytest.mark.slow
+def test_report_of_a_k_sweep_has_both_runs_k_figure_and_grids(tmp_path):
+    subprocess.run([sys.executable, "run.py", "-m", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=4",
+                    "eval.features=pixels", "eval.reference=none", "batch_size=2", "sampler.steps=3", "logger=none",
+                    f"output_root={tmp_path}", "calib.num_runs=1,2", "quant=rtn_w4a8", "++quant.calib_prompts=2"],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    out = write_report([tmp_path / "multirun"], tmp_path / "report.html")
+    header, rows = table_rows(load_runs([tmp_path / "multirun"]))
+    k = header.index("calib.num_runs")
+    assert sorted(r[k] for r in rows) == ["1", "2"]          # K kept as a column: two distinct rows
+    page = out["html"].read_text()
+    assert page.count("<h3>") == 2                            # one section per run, with its command
+    assert page.count("python run.py") == 2 and "calib.num_runs=1" in page
+    grids = re.findall(r"<img alt='image grid' src='data:image/png;base64,([^']+)'", page)
+    assert len(grids) == 2
+    assert Image.open(io.BytesIO(base64.b64decode(grids[0]))).size[1] > 3 * 64   # fp, quant, qdrift rows
+
+
+@pytest.mark.slow
+def test_installed_package_runs_and_reports_outside_a_checkout(tmp_path):
+    """`pip install` of the wheel (configs inside the package) gives `qdrift run` and `qdrift report`."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheel"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((tmp_path / "wheel").glob("qdrift-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "qdrift/conf/config.yaml" in names and "qdrift/conf/hydra/launcher/slurm.yaml" in names
+    assert any(n.endswith("entry_points.txt") for n in names)
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = dict(ENV, PYTHONPATH=str(site))   # the installed copy first, its dependencies from this venv
+    cli = [sys.executable, "-c", "import sys, qdrift.cli; assert 'site' in qdrift.cli.__file__; "
+                                 "sys.exit(qdrift.cli.main())"]
+    run = subprocess.run([*cli, "run", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=2", "batch_size=2",
+                          "sampler.steps=2", "quant=none", "corrector=none", "logger=none", "output_root=out"],
+                         cwd=work, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    run_dir = work / run.stdout.strip().splitlines()[-1]
+    assert (run_dir / "run.log").is_file() and (run_dir / "metrics.json").is_file()
+    rep = subprocess.run([*cli, "report", "out", "--out", "rep/report.html"], cwd=work, env=env,
+                         capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert (work / "rep" / "report.csv").is_file() and "tiny_pixart" in (work / "rep" / "report.md").read_text()
+
+
+def test_report_refuses_a_folder_without_runs(tmp_path, capsys):
+    from qdrift.report import main
+
+    assert main([str(tmp_path), "--out", str(tmp_path / "r.html")]) == 2
+    assert "no run directory" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="headless check needs Debian's chromium package")
+def test_page_renders_every_image_in_headless_chromium_offline(tmp_path):
+    out = write_report([BENCH_RESULTS], tmp_path / "r.html")
+    dom = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
+                          "--virtual-time-budget=5000", "--dump-dom", out["html"].as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    counts = re.search(r'data-images="(\d+)" data-rendered="(\d+)"', dom)
+    assert counts and int(counts[1]) >= 2 and counts[1] == counts[2]
