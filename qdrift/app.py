@@ -27,7 +27,8 @@ def _main(cfg: DictConfig) -> None:
         with terminate_on_sigterm():   # scancel / time limit: the runner's cleanup still runs
             result = runner.run(cfg, run_dir)
     except (ConfigError, CacheError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        if distributed.world().is_main:   # one line, not one per rank
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except Terminated:
         print(f"error: terminated (SIGTERM); {run_dir} keeps what was finished and a rerun resumes from the cache",

@@ -145,6 +145,11 @@ def check_config(cfg) -> None:
     _validate_model(cfg.model)
     _validate_sampler(cfg)
     _validate_quant(cfg.quant)
+    m, q = cfg.model, cfg.quant
+    if m.source == "random" and m.get("arch_size") == "reduced" and q.method == "svdquant":
+        # the reduced architectures' narrowest quantized layers are 32 wide; the paper's rank is 32
+        _require(int(q.rank) < 32, f"model.arch_size=reduced has layers 32 wide, too narrow for SVDQuant rank "
+                                   f"{q.rank}; add model.svdquant_rank=4")
     _validate_calib(cfg.calib)
     _validate_correctors(cfg.corrector)
     _validate_sampling_with_correctors(cfg)

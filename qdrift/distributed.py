@@ -51,7 +51,11 @@ def world() -> World:
 
 def _timeout() -> datetime.timedelta:
     # Long by default: a rank waits at a barrier while another quantizes a 12B model or evaluates.
-    return datetime.timedelta(minutes=float(os.environ.get(TIMEOUT_ENV, 360)))
+    value = os.environ.get(TIMEOUT_ENV, "360")
+    try:
+        return datetime.timedelta(minutes=float(value))
+    except ValueError:
+        raise SystemExit(f"error: {TIMEOUT_ENV}={value!r} is not a number of minutes") from None
 
 
 def init() -> World:

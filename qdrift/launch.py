@@ -56,7 +56,9 @@ def sweep_configs(config: DictConfig) -> list[DictConfig]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    overrides = list(config.hydra.overrides.task)
+    # The sweeper's `params` (hydra.sweeper.params in a config) sweep too, before the command line's.
+    params = config.hydra.sweeper.get("params") or {}
+    overrides = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     try:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
@@ -109,10 +111,12 @@ class SweepMonitor:
         done = failed = 0
         for status in self.sweep_dir.glob("*/status.json"):
             try:
-                failed += json.loads(status.read_text()).get("status") != "done"
+                state = json.loads(status.read_text()).get("status")
             except (OSError, ValueError):
                 continue
-            done += 1
+            if state in ("done", "failed"):   # "running": started, or requeued after a failure
+                done += 1
+                failed += state == "failed"
         return done, failed
 
     def line(self) -> str:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cache import atomic_write_json, plain
 from .config import ConfigError, check_writable, resolve_device, validate
-from .distributed import main_first, world
+from .distributed import broadcast, main_first, world
 from .models.cuda_graph import CudaGraphForward, use_cuda_graphs
 from .prompts import prompt_set
 from .quant import fake_quant_layers
@@ -41,9 +41,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     validate(cfg)                                   # bad input fails here, before any model loads
     run_dir = Path(run_dir)
     check_writable(cfg.cache_dir, run_dir)
+    config = plain(cfg)
+    if world().distributed:   # rank 0 decides whether the directory may be used; every rank hears why not
+        refusal = broadcast(claim_problem(run_dir, config) if world().is_main else None)
+        if refusal:
+            raise ConfigError(refusal)
     if not world().is_main:                         # a torchrun rank after the first: its share, no results
         return _run(cfg, run_dir)
-    with claim_run_dir(run_dir):
+    with claim_run_dir(run_dir, config):
         return _run(cfg, run_dir)
 
 
@@ -55,6 +60,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     ctx.batch_prompts = padded_prompts(ctx)
     config = plain(cfg)
     if main:
+        atomic_write_json(run_dir / STATUS_FILE, {"status": "running"})
         atomic_write_json(run_dir / "config.json", config)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     tracker = WandbLogger(cfg.logger if main else NO_LOGGER, run_dir, config)
@@ -88,16 +94,43 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict | None:
     finally:
         tracker.finish(failed=failed)   # always, so one crash does not break a sweep's next run
         if main:                        # read by a sweep's progress log (qdrift/launch.py)
-            atomic_write_json(run_dir / STATUS_FILE, {"status": "failed" if failed else "done",
-                                                     "seconds": round(sum(ctx.timings.values()), 3)})
+            atomic_write_json(run_dir / STATUS_FILE, {"status": "failed" if failed else "done", "seconds": round(
+                sum(v for k, v in ctx.timings.items() if "/" not in k), 3)})   # the stages, not per-image rates
+
+
+def claim_problem(run_dir: Path, config: dict) -> str | None:
+    """Why `run_dir` may not hold this run, or None. A directory left by an unfinished run of the same
+    config (a Slurm job requeued after preemption or its time limit) is taken back: its images are
+    copies of cache entries this run's keys name again."""
+    if (run_dir / "metrics.json").exists():
+        return (f"run directory {run_dir} already holds a run's results; use a new one "
+                "(hydra.run.dir=...) so nothing already produced is overwritten")
+    if (run_dir / "images").exists() and not _unfinished_same_run(run_dir, config):
+        return (f"run directory {run_dir} holds another run's images; use a new one (hydra.run.dir=...) so "
+                "nothing already produced is overwritten")
+    lock = FileLock(str(run_dir / ".qdrift-run.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return f"run directory {run_dir} is in use by another run"
+    lock.release()
+    return None
+
+
+def _unfinished_same_run(run_dir: Path, config: dict) -> bool:
+    try:
+        status = json.loads((run_dir / STATUS_FILE).read_text())["status"]
+        return status != "done" and json.loads((run_dir / "config.json").read_text()) == config
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 @contextmanager
-def claim_run_dir(run_dir: Path):
+def claim_run_dir(run_dir: Path, config: dict):
     """One run, one directory: refuse a directory that holds another run's results or is in use."""
-    if (run_dir / "metrics.json").exists() or (run_dir / "images").exists():
-        raise ConfigError(f"run directory {run_dir} already holds a run's results; use a new one "
-                          "(hydra.run.dir=...) so nothing already produced is overwritten")
+    problem = claim_problem(run_dir, config)
+    if problem:
+        raise ConfigError(problem)
     lock = FileLock(str(run_dir / ".qdrift-run.lock"))
     try:
         lock.acquire(timeout=0)

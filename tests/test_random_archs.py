@@ -38,7 +38,7 @@ RESOLUTION = 32   # a multiple of every family's VAE downsampling x patch (confi
 
 def random_cfg(model: str, *overrides, tmp_path=None):
     return compose_cfg([f"model={model}", "model.source=random", "model.arch_size=reduced",
-                        f"model.resolution={RESOLUTION}", *overrides], tmp_path)
+                        f"model.resolution={RESOLUTION}", "model.svdquant_rank=4", *overrides], tmp_path)
 
 
 def test_every_paper_model_names_a_shipped_architecture():
@@ -169,3 +169,11 @@ def test_reduced_architecture_runs_one_quantized_corrected_step(model, quant, tm
     digest = hashlib.sha256((random_arch.ARCH_DIR / f"{cfg.model.arch}.json").read_bytes()).hexdigest()
     manifests = [p.read_text() for p in (tmp_path / "cache").rglob("manifest.json")]
     assert len(manifests) >= 4 and all(digest in m for m in manifests)   # quant, calib, images
+
+
+def test_reduced_size_with_the_papers_svdquant_rank_is_refused_before_loading():
+    from qdrift.config import ConfigError
+
+    cfg = compose_cfg(["model=pixart", "model.source=random", "model.arch_size=reduced", "quant=svdquant_w3a4"])
+    with pytest.raises(ConfigError, match="add model.svdquant_rank=4"):
+        validate(cfg, inputs=False)

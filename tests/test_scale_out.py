@@ -128,3 +128,28 @@ def test_cpu_thread_count_is_part_of_the_device_key():
         assert device_kind(torch.device("cpu")) != one
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_requeued_job_takes_back_its_unfinished_directory(run_tiny):
+    """Slurm requeues a preempted job into its own directory: an unfinished run of the same config is
+    taken back (and resumes from the cache); another config's images are never overwritten."""
+    from qdrift.config import ConfigError
+
+    metrics, run_dir = run_tiny(["quant=none", "corrector=none"], run_name="job")
+    (run_dir / "metrics.json").unlink()                       # killed during evaluation
+    (run_dir / "status.json").write_text(json.dumps({"status": "failed"}))
+    again, _ = run_tiny(["quant=none", "corrector=none"], run_name="job")
+    assert again["variants"] == metrics["variants"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "status.json").write_text(json.dumps({"status": "failed"}))
+    with pytest.raises(ConfigError, match="holds another run's images"):
+        run_tiny(["quant=none", "corrector=none", "seed=1"], run_name="job")
+
+
+@pytest.mark.parametrize("preset", ["disabled", "stdout"])
+def test_other_hydra_logging_presets_still_run(tmp_path, preset):
+    out = qdrift(["model=tiny_pixart", "eval=smoke", "eval.num_prompts=2", "batch_size=2", "sampler.steps=2",
+                  "quant=none", "corrector=none", "logger=none", f"output_root={tmp_path}",
+                  f"hydra/job_logging={preset}"])
+    assert (Path(out.stdout.strip().splitlines()[-1]) / "metrics.json").is_file()

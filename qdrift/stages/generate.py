@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from qdrift.cache import Artifact, atomic_save_image, copy_file, plain
-from qdrift.distributed import barrier, shard
+from qdrift.distributed import barrier, shard, world
 from qdrift.drift import CORRECTOR_VERSIONS, CalibrationPool, make_corrector, wrap_scheduler
 from qdrift.progress import progress
 from qdrift.prompts import to_pil
@@ -67,7 +67,8 @@ def generate_stage(ctx, pool: CalibrationPool | None) -> dict[str, Path]:
         hook = corrector_for(ctx, name, spec, pool) if spec is not None else None   # checks the statistics
         todo = [(art, batch) for art, batch in plan[name] if id(art) in mine and not art.verify()]
         if not todo:
-            log.info("%s: %d images cached", name, len(ctx.prompts))
+            if not world().distributed:   # a rank may simply own none of this variant's batches
+                log.info("%s: %d images cached", name, len(ctx.prompts))
             continue
         scheduler = wrap_scheduler(ctx.base_scheduler, hook)
         start = time.perf_counter()
