@@ -20,9 +20,12 @@ import json
 import sys
 from pathlib import Path
 
+from qdrift.report import FIXED, load_runs, setting_value, varying_keys
+
 COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3 (± std)",
            "CLIP [95% CI]", "FID delta vs quant [95% CI]")
 CORRECTOR_ORDER = ("qdrift", "qdrift_exact", "ptqd", "d2dpm")
+SETTING_KEYS = ("model.name", "sampler.name", "sampler.steps", "quant.name")   # the first two columns
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -84,8 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.deltas:
         found = {c for f in files for c in json.loads(f.read_text())["variants"]} - {"fp", "quant"}
         correctors = [c for c in CORRECTOR_ORDER if c in found] + sorted(found - set(CORRECTOR_ORDER))
-        table = sorted((delta_rows(f, correctors) for f in files), key=lambda r: r[:2])
-        print(markdown(table, ["model / sampler, steps", "quant", "FID fp / quant", *correctors]))
+        # Keys that differ between the runs besides model, sampler and quantizer (K, a sweep's other keys)
+        # get a column each, so two rows of a sweep never print alike.
+        runs = {r.path / "metrics.json": r for r in load_runs([f.parent for f in files])}
+        swept = [k for k in varying_keys(list(runs.values())) if k not in SETTING_KEYS
+                 and len({setting_value(r, k) if k not in FIXED else str(r.flat.get(k)) for r in runs.values()}) > 1]
+
+        def row(f):
+            r = runs[f]
+            extra = [str(r.flat.get(k)) if k in FIXED else setting_value(r, k) for k in swept]
+            base = delta_rows(f, correctors)
+            return base[:2] + extra + base[2:]
+        table = sorted((row(f) for f in files), key=lambda r: r[:2 + len(swept)])
+        print(markdown(table, ["model / sampler, steps", "quant", *swept, "FID fp / quant", *correctors]))
         return 0
     all_rows = [r for f in files for r in rows(f)]
     all_rows.sort(key=lambda r: tuple(r[:4]))      # stable: variants keep their run order

@@ -9,10 +9,10 @@ bench_table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench_table)
 
 
-def _run(path: Path, model: str, delta: float) -> None:
+def _run(path: Path, model: str, delta: float, k: int = 5) -> None:
     path.mkdir(parents=True)
     config = {"model": {"name": model}, "sampler": {"name": "dpmpp", "steps": 20},
-              "quant": {"name": "svdquant_w3a4"}, "calib": {"num_runs": 5}}
+              "quant": {"name": "svdquant_w3a4"}, "calib": {"num_runs": k}}
     variants = {  # written with sorted keys, like the runner's metrics.json
         "fp": {"fid": 0.09, "kid_mean": 8e-4, "kid_std": 4e-4, "clip_score": 66.0, "clip_score_ci_low": 65.0,
                "clip_score_ci_high": 67.0},
@@ -50,3 +50,13 @@ def test_deltas_view_has_one_row_per_setting(tmp_path, capsys):
     assert lines[0] == "| model / sampler, steps | quant | FID fp / quant | qdrift |"
     assert lines[2] == "| bench_dit / dpmpp, 20 | svdquant_w3a4 | 0.0900 / 0.2000 | -0.0170 [-0.0270, -0.0070] |"
     assert lines[3].startswith("| bench_unet / dpmpp, 20 |") and lines[3].endswith("+0.0200 [+0.0100, +0.0300] |")
+
+
+def test_deltas_view_keeps_k_when_runs_differ_in_it(tmp_path, capsys):
+    """A K sweep: K becomes a column, so its rows never print alike."""
+    _run(tmp_path / "sweep" / "0_a", "bench_dit", -0.01, k=1)
+    _run(tmp_path / "sweep" / "1_b", "bench_dit", -0.02, k=5)
+    assert bench_table.main(["--deltas", str(tmp_path / "sweep")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| model / sampler, steps | quant | calib.num_runs | FID fp / quant | qdrift |"
+    assert [line.split(" | ")[2] for line in lines[2:]] == ["1", "5"]
