@@ -3,7 +3,9 @@
 - `image_grid`: FP / quantized / each corrector / reference for the same prompts (paper Fig. 1);
 - `fid_vs_k_figure`: FID of every variant against the calibration size K (Fig. 2, right);
 - `residual_variance_figure`: the residual variance V_i of the guided error per step (Fig. 3);
-- `gap_recovered_figure`: the share of the FP-quantized FID gap each corrector closes, with CIs.
+- `gap_recovered_figure`: the share of the FP-quantized FID gap each corrector closes, with CIs;
+- `calibration_size_figure`: V_i per step fitted from K runs of a larger pool, median and min-max
+  envelope over nested resamples (Fig. 2, left; V_i is what each step's correction is computed from).
 """
 from __future__ import annotations
 
@@ -131,4 +133,34 @@ def residual_variance_figure(stats: list[tuple[str, dict]]) -> bytes:
     ax.set_xlabel("sampling step i")
     ax.set_ylabel("residual variance V_i")
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _png(fig)
+
+
+def calibration_size_figure(pool, ks=(1, 5, 10, 50), resamples: int = 200, seed: int = 0) -> bytes | None:
+    """For each K the pool can serve: fit V_i on K runs drawn without replacement, `resamples` times
+    (nested: K = 1 is the first run of the same permutation that gives K = 5, ...), and draw the median
+    and the min-max envelope per step. None when the pool has a single run."""
+    import torch
+
+    ks = [k for k in ks if k < pool.num_runs] + [pool.num_runs]
+    ks = sorted(set(ks))
+    if pool.num_runs < 2:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    fits = {k: [] for k in ks}
+    for _ in range(resamples):
+        order = torch.randperm(pool.num_runs, generator=gen)
+        for k in ks:
+            fits[k].append(pool.fit(order[:k].tolist(), "scalar").residual_var.flatten())
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    steps = range(pool.num_steps)
+    for k in ks:
+        v = torch.stack(fits[k]).double()
+        line, = ax.plot(steps, v.median(0).values, label=f"K = {k}")
+        ax.fill_between(steps, v.min(0).values, v.max(0).values, color=line.get_color(), alpha=0.2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampling step i")
+    ax.set_ylabel("V_i fitted from K runs")
+    ax.set_title(f"median and min-max over {resamples} nested resamples of {pool.num_runs} runs", fontsize=7)
+    ax.legend(fontsize=7)
     return _png(fig)

@@ -184,6 +184,16 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[st
     k_sweep = figures.fid_vs_k_groups(runs, keys)
     if k_sweep:
         figs["FID vs K"] = figures.fid_vs_k_figure(k_sweep)
+    pools = [(r.path / "stats" / "pool.safetensors", lab) for lab, r in zip(labels, runs)
+             if (r.path / "stats" / "pool.safetensors").is_file()]
+    if pools:   # the largest calibration pool among the runs
+        from qdrift.drift import CalibrationPool
+
+        loaded = [(CalibrationPool.load(path), lab) for path, lab in pools]
+        pool, lab = max(loaded, key=lambda item: item[0].num_runs)
+        png = figures.calibration_size_figure(pool)
+        if png is not None:
+            figs[f"Calibration size: V_i from K runs ({lab})"] = png
     stats = [(lab, r.stats) for lab, r in zip(labels, runs) if r.stats]
     if stats:
         figs["Residual variance V_i per step"] = figures.residual_variance_figure(stats)

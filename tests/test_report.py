@@ -15,6 +15,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 from PIL import Image
 
 from qdrift import figures
@@ -38,6 +39,10 @@ def test_gap_recovered_maps_the_delta_ci():
     assert gap_recovered(m, "qdrift") is None
 
 
+class PairedAccumulatorPool1:
+    num_runs = 1
+
+
 def test_figures_have_the_expected_axes(monkeypatch):
     """Each figure function on synthetic data: the axes it draws carry the paper's quantities."""
     seen = []
@@ -54,9 +59,20 @@ def test_figures_have_the_expected_axes(monkeypatch):
     assert seen[-1][0][:4] == ("setting", "gap recovered (%)", "linear", 3)   # three bars
     k = figures.fid_vs_k_figure({"s": {"quant": [(1, 2.0), (5, 2.0)], "qdrift": [(1, 1.9), (5, 1.7)]}})
     assert seen[-1][0][:3] == ("calibration size K", "FID", "linear") and seen[-1][0][4] == 2   # two lines
+    from qdrift.drift.calibration import PairedAccumulator
+
+    acc = PairedAccumulator(num_steps=4)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(4):   # 12 runs whose error grows with the step
+        u = torch.randn(12, 2, 4, 4, generator=gen)
+        acc.add(i, u + (i + 1) * 0.1 * torch.randn(12, 2, 4, 4, generator=gen), u)
+    fig2 = figures.calibration_size_figure(acc.pool(), ks=(1, 5, 10), resamples=20)
+    ax = seen[-1][0]
+    assert ax[:3] == ("sampling step i", "V_i fitted from K runs", "log") and ax[4] == 4   # K = 1, 5, 10, 12
+    assert figures.calibration_size_figure(PairedAccumulatorPool1()) is None
     v = figures.residual_variance_figure([("run", {"residual_var_scalar": [[1e-3], [1e-2], [1e-1]]})])
     assert seen[-1][0][:3] == ("sampling step i", "residual variance V_i", "log") and seen[-1][0][4] == 1
-    for png in (gap, k, v):
+    for png in (gap, k, v, fig2):
         assert _axes_of(png).size[0] > 200
 
 
