@@ -90,20 +90,24 @@ def test_report_of_the_committed_bench_table(tmp_path):
 
 @pytest.mark.slow
 def test_report_of_a_k_sweep_has_both_runs_k_figure_and_grids(tmp_path):
-    subprocess.run([sys.executable, "run.py", "-m", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=4",
-                    "eval.features=pixels", "eval.reference=none", "batch_size=2", "sampler.steps=3", "logger=none",
-                    f"output_root={tmp_path}", "calib.num_runs=1,2", "quant=rtn_w4a8", "++quant.calib_prompts=2"],
-                   cwd=ROOT, env=ENV, check=True, capture_output=True)
+    subprocess.run([sys.executable, "run.py", "-m", "model=tiny_pixart", "eval=bench", "eval.num_prompts=8",
+                    "eval.num_resamples=50", "eval.kid_subset_size=4", "batch_size=4", "sampler.steps=3",
+                    "logger=none", f"output_root={tmp_path}", "calib.num_runs=1,2", "quant=rtn_w4a8",
+                    "++quant.calib_prompts=2"], cwd=ROOT, env=ENV, check=True, capture_output=True)
     out = write_report([tmp_path / "multirun"], tmp_path / "report.html")
     header, rows = table_rows(load_runs([tmp_path / "multirun"]))
     k = header.index("calib.num_runs")
     assert sorted(r[k] for r in rows) == ["1", "2"]          # K kept as a column: two distinct rows
     page = out["html"].read_text()
+    titles = re.findall(r"<h2>([^<]*)</h2>", page)
+    assert titles[:3] == ["Table", "Gap recovered per setting (95% CI)", "FID vs K"]
+    assert titles[3].startswith("Calibration size") and titles[4:] == ["Residual variance V_i per step", "Runs"]
     assert page.count("<h3>") == 2                            # one section per run, with its command
     assert page.count("python run.py") == 2 and "calib.num_runs=1" in page
     grids = re.findall(r"<img alt='image grid' src='data:image/png;base64,([^']+)'", page)
     assert len(grids) == 2
-    assert Image.open(io.BytesIO(base64.b64decode(grids[0]))).size[1] > 3 * 64   # fp, quant, qdrift rows
+    # fp, quant, qdrift and reference rows
+    assert Image.open(io.BytesIO(base64.b64decode(grids[0]))).size[1] > 4 * 64
 
 
 @pytest.mark.slow
