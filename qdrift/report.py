@@ -119,7 +119,10 @@ def gap_recovered(m: dict, variant: str) -> tuple[float, float, float] | None:
         return None
     v = m[variant]
     lo, hi = v.get("fid_delta_ci_low"), v.get("fid_delta_ci_high")
-    return ((q - c) / gap, -hi / gap if hi is not None else math.nan, -lo / gap if lo is not None else math.nan)
+    if lo is None or hi is None:
+        return ((q - c) / gap, math.nan, math.nan)
+    low, high = sorted((-hi / gap, -lo / gap))   # a negative gap (quantized better than FP) flips them
+    return ((q - c) / gap, low, high)
 
 
 def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:

@@ -35,6 +35,9 @@ def test_gap_recovered_maps_the_delta_ci():
     m = {"fp": {"fid": 1.0}, "quant": {"fid": 2.0},
          "qdrift": {"fid": 1.5, "fid_delta_ci_low": -0.7, "fid_delta_ci_high": -0.3}}
     assert gap_recovered(m, "qdrift") == pytest.approx((0.5, 0.3, 0.7))
+    m["quant"]["fid"] = 0.5   # quantized better than FP: the interval still reads low to high
+    gap, low, high = gap_recovered(m, "qdrift")
+    assert gap == pytest.approx(2.0) and low == pytest.approx(-1.4) and high == pytest.approx(-0.6)
     m["quant"]["fid"] = 1.0   # no gap: nothing to recover
     assert gap_recovered(m, "qdrift") is None
 

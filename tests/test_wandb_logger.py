@@ -219,3 +219,14 @@ def test_offline_sweep_runs_are_grouped_tagged_with_step_history_and_local_image
         media = list(run_dir.glob("wandb/offline-run-*/files/media/images/samples/*.png"))
         assert len(media) == 3 * 2   # fp, quant, qdrift x 2 prompts, inside the run dir
     assert len(groups) == 1 and next(iter(groups)).startswith("sweep-")
+
+
+def test_review_workspace_lays_out_every_panel_offline():
+    """The saved-workspace definition builds without a server and names the keys the runs log."""
+    from qdrift.tracking.workspace import build_workspace
+
+    model = build_workspace("me", "qdrift", group="sweep-abc")._to_model().model_dump(by_alias=True)
+    text = json.dumps(model, default=str)
+    for key in ("summary:qdrift/gap_recovered", "config:calib.value.num_runs", "per_step/V_i",
+                "per_step/channel_spread", "samples/quant", "sweep-abc"):
+        assert key in text, key
