@@ -5,7 +5,10 @@
 - `residual_variance_figure`: the residual variance V_i of the guided error per step (Fig. 3);
 - `gap_recovered_figure`: the share of the FP-quantized FID gap each corrector closes, with CIs;
 - `calibration_size_figure`: V_i per step fitted from K runs of a larger pool, median and min-max
-  envelope over nested resamples (Fig. 2, left; V_i is what each step's correction is computed from).
+  envelope over nested resamples (Fig. 2, left; V_i is what each step's correction is computed from);
+- `gaussianity_figure`, `correlation_figure`: the output and error at a latent coordinate against
+  fitted normals (Fig. 4), and the error's correlations between coordinates against a shuffled
+  baseline (Fig. 5), from raw paired samples (experiments/error_figures.py collects them).
 """
 from __future__ import annotations
 
@@ -163,4 +166,51 @@ def calibration_size_figure(pool, ks=(1, 5, 10, 50), resamples: int = 200, seed:
     ax.set_ylabel("V_i fitted from K runs")
     ax.set_title(f"median and min-max over {resamples} nested resamples of {pool.num_runs} runs", fontsize=7)
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def gaussianity_figure(samples: dict[str, dict[str, "object"]]) -> bytes:
+    """Histograms with fitted normals (Fig. 4): `samples` maps a panel title (e.g. "step 5") to
+    {"output u": values, "error e": values}, each a 1-D array over runs at one latent coordinate."""
+    import numpy as np
+    from scipy import stats
+
+    cols = len(samples)
+    fig, axes = plt.subplots(2, cols, figsize=(3.0 * cols, 4.6), squeeze=False)
+    for c, (title, series) in enumerate(samples.items()):
+        for r, (name, values) in enumerate(series.items()):
+            x = np.asarray(values, dtype=float)
+            ax = axes[r][c]
+            ax.hist(x, bins=max(8, int(np.sqrt(x.size))), density=True, alpha=0.6)
+            mu, sd = x.mean(), x.std(ddof=1)
+            grid = np.linspace(x.min(), x.max(), 200)
+            ax.plot(grid, stats.norm.pdf(grid, mu, sd), color="black", lw=1)
+            p = stats.shapiro(x).pvalue if 3 <= x.size <= 5000 else float("nan")
+            ax.set_title(f"{title}: {name}\nShapiro-Wilk p = {p:.2f}", fontsize=7)
+            ax.set_xlabel(name)
+            ax.set_ylabel("density")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def correlation_figure(errors: dict[str, "object"], seed: int = 0) -> bytes:
+    """Off-diagonal correlations of the error between latent coordinates (Fig. 5), against the same
+    errors with each coordinate shuffled independently over runs (what chance alone gives).
+    `errors` maps a panel title to an (N runs, D coordinates) array."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(1, len(errors), figsize=(3.2 * len(errors), 3.0), squeeze=False)
+    for ax, (title, e) in zip(axes[0], errors.items()):
+        e = np.asarray(e, dtype=float)
+        off = ~np.eye(e.shape[1], dtype=bool)
+        real = np.corrcoef(e, rowvar=False)[off]
+        shuffled = np.corrcoef(np.stack([rng.permutation(col) for col in e.T], axis=1), rowvar=False)[off]
+        bins = np.linspace(-1, 1, 41)
+        ax.hist(shuffled, bins=bins, density=True, alpha=0.5, label="shuffled")
+        ax.hist(real, bins=bins, density=True, alpha=0.5, label="error")
+        ax.set_title(f"{title}: mean |r| {np.abs(real).mean():.3f} vs {np.abs(shuffled).mean():.3f}", fontsize=7)
+        ax.set_xlabel("off-diagonal correlation r")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
     return _png(fig)

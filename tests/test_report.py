@@ -157,3 +157,20 @@ def test_page_renders_every_image_in_headless_chromium_offline(tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     counts = re.search(r'data-images="(\d+)" data-rendered="(\d+)"', dom)
     assert counts and int(counts[1]) >= 2 and counts[1] == counts[2]
+
+
+def test_error_figures_tell_gaussian_from_skewed_and_correlated_from_shuffled(monkeypatch):
+    import numpy as np
+
+    titles = []
+    real = figures._png
+    monkeypatch.setattr(figures, "_png", lambda fig: (titles.append([ax.get_title() for ax in fig.axes]), real(fig))[1])
+    rng = np.random.default_rng(0)
+    figures.gaussianity_figure({"step 0": {"output u": rng.normal(size=200), "error e": rng.exponential(size=200)}})
+    p_normal, p_skewed = (float(t.rsplit("p = ", 1)[1]) for t in titles[-1])
+    assert p_normal > 0.05 and p_skewed < 0.001          # the title's Shapiro-Wilk p tells them apart
+    common = rng.normal(size=(200, 1))
+    figures.correlation_figure({"correlated": common + 0.5 * rng.normal(size=(200, 8)),
+                                "independent": rng.normal(size=(200, 8))})
+    (real_c, shuf_c), (real_i, shuf_i) = (map(float, re.findall(r"(\d\.\d+)", t)) for t in titles[-1])
+    assert real_c > 0.6 > 0.2 > shuf_c and abs(real_i - shuf_i) < 0.1
