@@ -8,6 +8,7 @@ through Hydra's error reporting, which catches Exception only).
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -73,8 +74,8 @@ def sweep_configs(config: DictConfig) -> list[DictConfig]:
 class SweepProgress(Callback):
     """`sweep: 3/8 jobs done (0 failed), 0:12:04 elapsed, about 0:20:07 left` every
     QDRIFT_PROGRESS_INTERVAL seconds (default 30) in the launcher's log, whatever the launcher
-    (basic, joblib, submitit local or Slurm): a job is done when its directory has the runner's
-    status.json. The estimate assumes the remaining jobs take as long as the finished ones did."""
+    (basic, joblib, submitit local or Slurm): a job counts once the runner's status.json in its
+    directory says `done` or `failed`. The estimate assumes the remaining jobs take as long as the finished ones did."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -106,8 +107,6 @@ class SweepMonitor:
 
     def counts(self) -> tuple[int, int]:
         """(done, failed) among the sweep's job directories."""
-        import json
-
         done = failed = 0
         for status in self.sweep_dir.glob("*/status.json"):
             try:
