@@ -153,3 +153,19 @@ def test_other_hydra_logging_presets_still_run(tmp_path, preset):
                   "quant=none", "corrector=none", "logger=none", f"output_root={tmp_path}",
                   f"hydra/job_logging={preset}"])
     assert (Path(out.stdout.strip().splitlines()[-1]) / "metrics.json").is_file()
+
+
+def test_sweep_job_count_includes_the_sweepers_params():
+    """A sweep set in a config (hydra.sweeper.params) counts like one on the command line: 2 x 2 jobs."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from qdrift.launch import sweep_configs
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["model=tiny_pixart"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.sweeper.params = {"calib.num_runs": "1,2"}
+            cfg.hydra.overrides.task = ["model=tiny_pixart", "seed=0,1"]
+        jobs = sweep_configs(cfg)
+    assert sorted((int(j.calib.num_runs), int(j.seed)) for j in jobs) == [(1, 0), (1, 1), (2, 0), (2, 1)]
