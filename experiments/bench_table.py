@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from qdrift.report import FIXED, load_runs, setting_value, varying_keys
+from qdrift.report import load_runs, setting_value, varying_keys
 
 COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3 (± std)",
            "CLIP [95% CI]", "FID delta vs quant [95% CI]")
@@ -91,11 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         # get a column each, so two rows of a sweep never print alike.
         runs = {r.path / "metrics.json": r for r in load_runs([f.parent for f in files])}
         swept = [k for k in varying_keys(list(runs.values())) if k not in SETTING_KEYS
-                 and len({setting_value(r, k) if k not in FIXED else str(r.flat.get(k)) for r in runs.values()}) > 1]
+                 and len({setting_value(r, k) for r in runs.values()}) > 1]
 
         def row(f):
             r = runs[f]
-            extra = [str(r.flat.get(k)) if k in FIXED else setting_value(r, k) for k in swept]
+            extra = [setting_value(r, k) for k in swept]
             base = delta_rows(f, correctors)
             return base[:2] + extra + base[2:]
         table = sorted((row(f) for f in files), key=lambda r: r[:2 + len(swept)])

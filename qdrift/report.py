@@ -15,7 +15,6 @@ import argparse
 import base64
 import csv
 import html
-import io
 import json
 import math
 import sys
@@ -99,7 +98,10 @@ def _override(run: Run, key: str) -> str:
 
 
 def setting_value(run: Run, key: str) -> str:
-    """As given on the command line (a group by its option name), else the config's value of a plain key."""
+    """A setting column's value: a fixed column's from the config; another as given on the command
+    line (a group by its option name), else the config's value of a plain key."""
+    if key in FIXED:
+        return str(run.flat.get(key))
     given = _override(run, key)
     if given or key not in run.flat:
         return given
@@ -135,7 +137,7 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             header += [f"{v} FID delta [95% CI]", f"{v} gap recovered [95% CI]"]
     rows = []
     for r in runs:
-        row = [str(r.flat.get(k)) if k in FIXED else setting_value(r, k) for k in keys]
+        row = [setting_value(r, k) for k in keys]
         for v in variants:
             m = r.variants.get(v, {})
             row += [_f(m.get("fid"), ".4f"), _f(None if m.get("kid_mean") is None else 1e3 * m["kid_mean"], ".3f"),
@@ -163,7 +165,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 def run_label(r: Run, keys: list[str]) -> str:
     short = {"calib.num_runs": "K", "sampler.name": "sampler", "sampler.steps": "steps", "model.name": "model",
              "quant.name": "quant"}
-    return " ".join(f"{short.get(k, k)}={r.flat.get(k) if k in FIXED else setting_value(r, k)}" for k in keys)
+    return " ".join(f"{short.get(k, k)}={setting_value(r, k)}" for k in keys)
 
 
 def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[str, Path]:

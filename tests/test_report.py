@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
-import matplotlib
 import pytest
 import torch
 from PIL import Image

@@ -93,7 +93,8 @@ def test_sweep_monitor_counts_finished_and_failed_jobs(tmp_path):
     for name, status in (("0_a", "done"), ("1_b", "failed")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "status.json").write_text(json.dumps({"status": status}))
-    (tmp_path / "2_c").mkdir()   # still running
+    (tmp_path / "2_c").mkdir()   # started (or requeued): not counted yet
+    (tmp_path / "2_c" / "status.json").write_text(json.dumps({"status": "running"}))
     line = monitor.line()
     assert line.startswith("sweep: 2/3 jobs done (1 failed)") and "left" in line
 
@@ -169,3 +170,20 @@ def test_sweep_job_count_includes_the_sweepers_params():
             cfg.hydra.overrides.task = ["model=tiny_pixart", "seed=0,1"]
         jobs = sweep_configs(cfg)
     assert sorted((int(j.calib.num_runs), int(j.seed)) for j in jobs) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_each_torchrun_rank_takes_the_gpu_of_its_local_rank(monkeypatch):
+    from qdrift.config import ConfigError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    with pytest.raises(ConfigError, match="every rank on one GPU"):
+        resolve_device("cuda:0")
+    monkeypatch.setenv("WORLD_SIZE", "1")   # a plain process outside a sweep: the first GPU
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert resolve_device("auto") == torch.device("cuda", 0)

@@ -165,29 +165,6 @@ def test_init_timeout_reaches_wandb(monkeypatch, tmp_path):
     assert seen["settings"].init_timeout == 3.5
 
 
-def wandb_records(path: Path) -> list:
-    """The records of an offline run's .wandb file: W&B's log format (a 7-byte file header, then 32 KiB
-    blocks of chunks, each a 7-byte header of crc32, little-endian length and type: 1 full, 2 first,
-    3 middle, 4 last), each record a protobuf `Record`."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, block, pos, records, pending = path.read_bytes(), 32768, 7, [], b""
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:                 # a block's tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind == 0 and length == 0:
-            break
-        pending = chunk if kind in (1, 2) else pending + chunk
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
 @pytest.mark.slow
 def test_offline_sweep_runs_are_grouped_tagged_with_step_history_and_local_images(tmp_path):
     """A 2-job K sweep with offline W&B: both runs in one group named after the sweep, tagged with model,

@@ -8,7 +8,6 @@ block it already has, and no number depends on what ran before.
 from __future__ import annotations
 
 import logging
-import math
 
 from qdrift.cache import Artifact, atomic_write_json, config_key
 from qdrift.distributed import barrier, shard, world

@@ -65,10 +65,10 @@ class WandbLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            group = logger_cfg.get("group") or sweep_group() or experiment_group()
+            sweep = sweep_group()
             self.run = wandb.init(
-                project=logger_cfg.project, entity=logger_cfg.get("entity"), group=group,
-                job_type="sweep-job" if sweep_group() else "run",
+                project=logger_cfg.project, entity=logger_cfg.get("entity"),
+                group=logger_cfg.get("group") or sweep or experiment_group(), job_type="sweep-job" if sweep else "run",
                 tags=[*run_tags(config), *(logger_cfg.get("tags") or [])], mode=logger_cfg.mode, dir=str(run_dir),
                 name=name or run_name(config, run_dir), config=config, reinit="finish_previous",
                 settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout", DEFAULT_INIT_TIMEOUT))),
