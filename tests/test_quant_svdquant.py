@@ -9,6 +9,7 @@ from qdrift.models.tiny import tiny_pixart
 from qdrift.quant import QuantSpec
 from qdrift.quant.api import quantize
 from qdrift.quant.layers import FakeQuantLayer
+from qdrift.quant.observers import InputObserver
 from qdrift.quant.primitives import fake_quant_act, fake_quant_weight
 from qdrift.quant.select import select_layers
 from qdrift.quant.spec import QuantizerSpec
@@ -130,3 +131,28 @@ def test_a_rank_as_wide_as_a_layer_is_refused_before_calibrating():
     with pytest.raises(ValueError, match=rf"rank {narrowest} >= width {narrowest} of layer .*quant.rank=N"):
         quantize(den, _spec(rank=narrowest), "pixart", calls.append, progress=False)
     assert calls == []                                                   # refused before any calibration
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU (run on the device machine)"))])
+def test_observer_reservoir_stays_on_device_and_is_uniform(device):
+    """The token sample is a seeded, uniform subset of every row seen, kept on the input's device."""
+    calls = [torch.arange(i * 300, (i + 1) * 300, dtype=torch.float32, device=device).repeat(4, 1).T
+             for i in range(20)]                                 # 20 calls of 300 distinct tokens, 4 channels
+    layer = torch.nn.Linear(4, 4)
+
+    def observe(seed):
+        obs = InputObserver(500, seed=seed, name="blocks.0.attn")
+        for x in calls:
+            obs(layer, (x,))
+        return obs
+
+    a, b, c = observe(0), observe(0), observe(1)
+    assert a.sample.device.type == device and a.sample.shape == (500, 4)
+    assert torch.equal(a.sample, b.sample) and not torch.equal(a.sample, c.sample)
+    ids = a.sample[:, 0].long().cpu()
+    assert ids.unique().numel() == 500 and int(ids.max()) < 6000   # distinct rows, each one seen
+    # Uniform over calls: each third of the 6000 tokens holds about a third of the sample.
+    thirds = torch.bincount(ids // 2000, minlength=3)
+    assert int(thirds.min()) > 120, thirds
+    assert float(a.ch_max[0]) == 5999 and a.tokens == 6000 and a.calls == 20

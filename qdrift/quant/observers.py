@@ -5,6 +5,10 @@ min/max (SVDQuant's max|X_j| and MixDQ's per-tensor range derive from them), the
 tokens seen, and optionally a bounded uniform random subsample of tokens (reservoir sampling
 with seeded random priorities: memory stays O(max_tokens x channels) however long the
 calibration runs, and the same inputs give the same sample).
+
+Everything stays on the input's device, priorities included (a generator per device): a hook
+that copies to or from the host forces a sync on every call, which made observing a real-size
+model on a GPU cost 100x its forward passes.
 """
 from __future__ import annotations
 
@@ -18,17 +22,17 @@ from torch import nn
 
 class InputObserver:
     def __init__(self, max_tokens: int = 0, skip_first_token: bool = False, seed: int = 0,
-                 name: str = "", store_device: str | torch.device | None = None) -> None:
+                 name: str = "") -> None:
         self.max_tokens = max_tokens
         self.skip_first_token = skip_first_token   # BOS-aware: the first text token is not quantized
-        self.store_device = store_device
         self.ch_min: torch.Tensor | None = None
         self.ch_max: torch.Tensor | None = None
         self.tokens = 0
         self.calls = 0
         self._keys: torch.Tensor | None = None      # priorities of the kept tokens
         self.sample: torch.Tensor | None = None     # (<= max_tokens, C), the input dtype
-        self._gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        self._seed = seed * 1_000_003 + zlib.crc32(name.encode())
+        self._gen: torch.Generator | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
@@ -49,17 +53,19 @@ class InputObserver:
             self._reservoir(x)
 
     def _reservoir(self, x: torch.Tensor) -> None:
-        keys = torch.rand(x.shape[0], generator=self._gen)
-        k = min(self.max_tokens, x.shape[0])
-        top, idx = keys.topk(k)
-        new = x[idx.to(x.device)].to(self.store_device or x.device)
+        if self._gen is None:
+            self._gen = torch.Generator(device=x.device).manual_seed(self._seed)
+        keys = torch.rand(x.shape[0], generator=self._gen, device=x.device)
+        top, idx = keys.topk(min(self.max_tokens, x.shape[0]))
+        new = x[idx]
         if self.sample is None:
             self._keys, self.sample = top, new
             return
         keys = torch.cat([self._keys, top])
         data = torch.cat([self.sample, new])
         self._keys, idx = keys.topk(min(self.max_tokens, keys.numel()))
-        self.sample = data[idx.to(data.device)]
+        self.sample = data[idx]
+
 
     @property
     def absmax(self) -> torch.Tensor:

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 # Part of the quantized state's cache key: bump when a change alters the quantized state (here or in
 # the primitives, layers and helpers this pass calls).
 # 2: a constant divides as a product with its float32 reciprocal on every device (primitives.div_const).
-ALGORITHM_VERSION = 2
+# 3: the token sample is drawn on the input's device (CUDA priorities differ from the CPU ones).
+ALGORITHM_VERSION = 3
 
 # FLUX's weight-only adaLN linears: SVDQuant uses 4-bit integer weights in groups of 64 (also under NVFP4).
 WEIGHT_ONLY_SPEC = QuantizerSpec(4, "int", "group", 64)
@@ -195,9 +196,7 @@ def run_svdquant(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, cali
     searched = [s for s in sites if s.role == "quant" and s.kind != "conv"]
     check_rank(model, searched, svd.rank)   # before the calibration run, not after it
     act_only = [s for s in sites if s.role == "quant" and s.kind == "conv"]
-    offload = "cpu" if next(model.parameters()).is_cuda else None   # samples wait on the host
-    observers = {s.name: InputObserver(svd.calib_tokens, seed=spec.seed, name=s.name, store_device=offload)
-                 for s in searched}
+    observers = {s.name: InputObserver(svd.calib_tokens, seed=spec.seed, name=s.name) for s in searched}
     with observing(model, observers):
         calibrate(spec.calib_prompts)
 
