@@ -81,8 +81,11 @@ def main():
     for name, hook in [("plain", None), ("qdrift paper", QDrift(stats, mode="paper"))]:
         sch = wrap_scheduler(base, hook)
 
+        # FLUX's dynamic shifting needs a shift mu; its value moves the timesteps, not a step's cost.
+        shift = {"mu": 1.0} if sch.config.get("use_dynamic_shifting") else {}
+
         def loop():
-            sch.set_timesteps(steps, device=device)
+            sch.set_timesteps(steps, device=device, **shift)
             x = x0.clone()
             for t in sch.timesteps:
                 x = sch.step(0.5 * x, t, x).prev_sample

@@ -8,6 +8,8 @@ the FP trajectory), keeps the raw guided output u and error e = u_quant - u_fp a
 and writes OUT/gaussianity.png (u and e at one latent coordinate over the N runs, with fitted
 normals) and OUT/correlation.png (correlations of e between 64 coordinates vs a shuffled baseline).
 Uses calibration captions and seeds past the ones calibration uses, never evaluation prompts.
+Every run's report already draws both figures from the few runs its calibration keeps
+(stats/samples.safetensors, `qdrift report`); this script is for many more runs.
 """
 from __future__ import annotations
 

@@ -27,6 +27,8 @@ from importlib import metadata
 from pathlib import Path
 
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 log = logging.getLogger("qdrift")
@@ -111,6 +113,31 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def safetensors_bytes(tensors: dict, fmt: str, manifest: dict) -> bytes:
+    """A safetensors file with its format name and JSON manifest in one metadata entry: safetensors
+    writes the metadata map in no fixed order, so two entries would make equal files differ in bytes."""
+    header = json.dumps({"format": fmt, "manifest": manifest}, sort_keys=True)
+    return save({k: v.contiguous() for k, v in tensors.items()}, metadata={"qdrift": header})
+
+
+def read_safetensors(path: str | Path, fmt: str, names: set[str]) -> tuple[dict, dict]:
+    """(tensors, manifest) of a `safetensors_bytes` file; ValueError if unreadable or not `fmt` with `names`."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+        if "qdrift" in meta:
+            header = json.loads(meta["qdrift"])
+        else:   # written before the single entry: "format" and "manifest" side by side
+            header = {"format": meta.get("format"), "manifest": json.loads(meta["manifest"])}
+    except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
+        raise ValueError(f"corrupted file {path} ({err}); delete it to recompute") from err
+    if header.get("format") != fmt or set(tensors) != names:
+        raise ValueError(f"{path} is not a {fmt} file")
+    return tensors, header["manifest"]
 
 
 def atomic_write_json(path: str | Path, obj) -> None:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .distributed import world
-from .drift.correctors import CORRECTORS
+from .drift.correctors import CORRECTORS, D2DPM_VARIANTS
 from .drift.rules import MODES, schedule_of
 from .drift.statistics import POOLINGS
 from .models.families import FAMILIES
@@ -283,6 +283,9 @@ def _validate_correctors(correctors) -> None:
             _choice(c.get("mode", "paper"), f"corrector.{name}.mode", MODES)
             _number(c.get("drift_scale", 1.0), f"corrector.{name}.drift_scale", 0)
             _bool(c.get("bias_removal", False), f"corrector.{name}.bias_removal")
+        if c.kind == "d2dpm":
+            _choice(c.get("variant", "deterministic"), f"corrector.{name}.variant", D2DPM_VARIANTS)
+            _seed(c.get("seed", 0), f"corrector.{name}.seed")
 
 
 def _validate_sampling_with_correctors(cfg) -> None:

@@ -4,11 +4,13 @@
 - `fid_vs_k_figure`: FID of every variant against the calibration size K (Fig. 2, right);
 - `residual_variance_figure`: the residual variance V_i of the guided error per step (Fig. 3);
 - `gap_recovered_figure`: the share of the FP-quantized FID gap each corrector closes, with CIs;
+- `drift_factor_figure`: each corrector's per-step drift factor c_i (the relative change of the update);
 - `calibration_size_figure`: V_i per step fitted from K runs of a larger pool, median and min-max
   envelope over nested resamples (Fig. 2, left; V_i is what each step's correction is computed from);
 - `gaussianity_figure`, `correlation_figure`: the output and error at a latent coordinate against
   fitted normals (Fig. 4), and the error's correlations between coordinates against a shuffled
-  baseline (Fig. 5), from raw paired samples (experiments/error_figures.py collects them).
+  baseline (Fig. 5), from raw paired samples (a run's stats/samples.safetensors, kept by calibration,
+  or experiments/error_figures.py for more runs); `error_sample_figures` draws both from the former.
 """
 from __future__ import annotations
 
@@ -139,6 +141,23 @@ def residual_variance_figure(stats: list[tuple[str, dict]]) -> bytes:
     return _png(fig)
 
 
+def drift_factor_figure(stats: list[tuple[str, dict]]) -> bytes:
+    """c_i per sampling step (mean over channels for channel pooling), one line per run and corrector,
+    from the `drift_factors` of each run's stats/summary.json."""
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    positive = True
+    for label, s in stats:
+        for variant, rows in s.get("drift_factors", {}).items():
+            c = [sum(row) / len(row) if isinstance(row, list) else row for row in rows]
+            positive = positive and all(v > 0 for v in c)
+            ax.plot(range(len(c)), c, marker=".", label=f"{label} {variant}".strip())
+    ax.set_yscale("log" if positive else "linear")
+    ax.set_xlabel("sampling step i")
+    ax.set_ylabel("drift factor c_i")
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _png(fig)
+
+
 def calibration_size_figure(pool, ks=(1, 5, 10, 50), resamples: int = 200, seed: int = 0) -> bytes | None:
     """For each K the pool can serve: fit V_i on K runs drawn without replacement, `resamples` times
     (nested: K = 1 is the first run of the same permutation that gives K = 5, ...), and draw the median
@@ -183,10 +202,13 @@ def gaussianity_figure(samples: dict[str, dict[str, "object"]]) -> bytes:
             ax = axes[r][c]
             ax.hist(x, bins=max(8, int(np.sqrt(x.size))), density=True, alpha=0.6)
             mu, sd = x.mean(), x.std(ddof=1)
-            grid = np.linspace(x.min(), x.max(), 200)
-            ax.plot(grid, stats.norm.pdf(grid, mu, sd), color="black", lw=1)
-            p = stats.shapiro(x).pvalue if 3 <= x.size <= 5000 else float("nan")
-            ax.set_title(f"{title}: {name}\nShapiro-Wilk p = {p:.2f}", fontsize=7)
+            if sd > 0:
+                grid = np.linspace(x.min(), x.max(), 200)
+                ax.plot(grid, stats.norm.pdf(grid, mu, sd), color="black", lw=1)
+                p = stats.shapiro(x).pvalue if 3 <= x.size <= 5000 else float("nan")
+                ax.set_title(f"{title}: {name}\nShapiro-Wilk p = {p:.2f}", fontsize=7)
+            else:
+                ax.set_title(f"{title}: {name}\nconstant ({mu:.3g})", fontsize=7)
             ax.set_xlabel(name)
             ax.set_ylabel("density")
     fig.tight_layout()
@@ -203,6 +225,10 @@ def correlation_figure(errors: dict[str, "object"], seed: int = 0) -> bytes:
     fig, axes = plt.subplots(1, len(errors), figsize=(3.2 * len(errors), 3.0), squeeze=False)
     for ax, (title, e) in zip(axes[0], errors.items()):
         e = np.asarray(e, dtype=float)
+        e = e[:, e.std(axis=0) > 0]   # a constant coordinate has no correlation
+        if e.shape[1] < 2:
+            ax.set_title(f"{title}: fewer than 2 varying coordinates", fontsize=7)
+            continue
         off = ~np.eye(e.shape[1], dtype=bool)
         real = np.corrcoef(e, rowvar=False)[off]
         shuffled = np.corrcoef(np.stack([rng.permutation(col) for col in e.T], axis=1), rowvar=False)[off]
@@ -214,3 +240,23 @@ def correlation_figure(errors: dict[str, "object"], seed: int = 0) -> bytes:
         ax.set_ylabel("density")
         ax.legend(fontsize=7)
     return _png(fig)
+
+
+def error_sample_figures(samples, min_runs: int = 3) -> tuple[bytes, bytes] | str:
+    """Fig. 4 and Fig. 5 of one run's raw calibration samples (drift/samples.py `ErrorSamples`):
+    u and e over the N runs at the first kept coordinate, per kept step, and the correlations of e
+    over the kept field. Returns why not instead when they cannot say anything."""
+    import numpy as np
+
+    n = samples.num_runs
+    if n < min_runs:
+        return f"{n} calibration run(s): too few to draw a distribution (at least {min_runs})"
+    e = samples.e.numpy()
+    if not np.any(e):
+        return "the error is zero at every kept coordinate (the quantized model equals the FP one there)"
+    where = samples.point_label(0)
+    hist = {f"step {s} ({where})": {"output u": samples.u[:, j, 0].numpy(), "error e": e[:, j, 0]}
+            for j, s in enumerate(samples.steps)}
+    corr = {f"step {s}, {samples.field.shape[2]} coordinates": samples.field[:, j].numpy()
+            for j, s in enumerate(samples.steps)}
+    return gaussianity_figure(hist), correlation_figure(corr)

@@ -7,7 +7,8 @@ Every run directory below the given paths (those with metrics.json) is one row. 
 every config key whose value differs between the runs (a sweep's swept keys), and per variant FID,
 KID, CLIP, the FID delta vs the quantized model [95% CI] and the gap recovered,
 (FID quant - FID corrected) / (FID quant - FID FP). Figures are PNGs embedded in the page, so it
-opens anywhere without network; image grids show the same prompts for every variant.
+opens anywhere without network; image grids show the same prompts for every variant. Runs that kept
+raw calibration samples (stats/samples.safetensors) also get the paper's Fig. 4 and Fig. 5.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ BASELINES = ("fp", "quant")
 FIXED = ("model.name", "sampler.name", "sampler.steps", "quant.name", "calib.num_runs")
 GROUPS_IN_FIXED = ("model", "sampler", "quant")   # their option names are the fixed columns' *.name
 IGNORED = ("output_root", "cache_dir", "logger", "device")
+SAMPLES_FILE = "samples.safetensors"   # a run's raw calibration samples in stats/ (stages/calibrate.py)
 
 
 @dataclass
@@ -202,11 +204,15 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[st
     stats = [(lab, r.stats) for lab, r in zip(labels, runs) if r.stats]
     if stats:
         figs["Residual variance V_i per step"] = figures.residual_variance_figure(stats)
+    factors = [(lab, s) for lab, s in stats if s.get("drift_factors")]
+    if factors:
+        figs["Drift factor c_i per step"] = figures.drift_factor_figure(factors)
 
     parts = [f"<h1>qdrift report</h1><p>{len(runs)} run(s) from {html.escape(', '.join(map(str, paths)))}</p>",
              "<h2>Table</h2>", _html_table(header, rows)]
     for title, png in figs.items():
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{_data_uri(png)}'>")
+    parts += error_sample_section(runs, labels, keys)
     parts.append("<h2>Runs</h2>")
     for lab, r in zip(labels, runs):
         parts.append(f"<h3>{html.escape(run_label(r, keys))}</h3><p><code>{html.escape(r.command())}</code><br>"
@@ -216,6 +222,51 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[st
             parts.append(f"<img alt='image grid' src='{_data_uri(grid)}'>")
     out.write_text(PAGE.format(body="\n".join(parts)))
     return {"html": out, "csv": csv_path, "md": md_path}
+
+
+def error_sample_section(runs: list[Run], labels: list[str], keys: list[str]) -> list[str]:
+    """Fig. 4 and Fig. 5 from the raw calibration samples a run keeps (stats/samples.safetensors), for
+    one run per setting (runs that differ only in K share their calibration runs: the one with the
+    most); runs without them are named in a note."""
+    from qdrift import figures
+
+    chosen: dict[str, tuple[int, str, Path]] = {}
+    without = []
+    for lab, r in zip(labels, runs):
+        path = r.path / "stats" / SAMPLES_FILE
+        if not path.is_file():
+            without.append(lab)
+            continue
+        setting = json.dumps({k: setting_value(r, k) for k in keys if k != "calib.num_runs"}, sort_keys=True)
+        size = int((r.stats or {}).get("pool_runs", 0))
+        if setting not in chosen or size > chosen[setting][0]:
+            chosen[setting] = (size, lab, path)
+    parts = ["<h2>Error samples: Gaussianity (Fig. 4) and correlations (Fig. 5)</h2>",
+             "<p>From the raw output u and error e = u_quant - u_fp that calibration keeps per run (first, "
+             "middle and last step): u and e at one latent coordinate over the calibration runs, with fitted "
+             "normals and a Shapiro-Wilk p (Fig. 4); the off-diagonal correlations of e between coordinates "
+             "of the first channels, against the same values shuffled over runs (Fig. 5). Few runs give "
+             "little power: read them as one draw.</p>"]
+    if without:
+        parts.append(f"<p class='note'>No raw error samples ({SAMPLES_FILE}) in: "
+                     f"{html.escape('; '.join(without))} (a run without a corrector, or calibrated by an older "
+                     "version).</p>")
+    if chosen:
+        from qdrift.drift.samples import ErrorSamples
+    for _, lab, path in chosen.values():
+        try:
+            samples = ErrorSamples.load(path)
+            drawn = figures.error_sample_figures(samples)
+        except ValueError as err:
+            drawn = str(err)
+        if isinstance(drawn, str):
+            parts.append(f"<h4>{html.escape(lab)}</h4><p class='note'>Not drawn: {html.escape(drawn)}.</p>")
+            continue
+        gauss, corr = drawn
+        parts.append(f"<h4>{html.escape(lab)}: {samples.num_runs} calibration runs</h4>"
+                     f"<img alt='Fig. 4 gaussianity: {html.escape(lab)}' src='{_data_uri(gauss)}'>"
+                     f"<img alt='Fig. 5 correlation: {html.escape(lab)}' src='{_data_uri(corr)}'>")
+    return parts
 
 
 def _html_table(header, rows) -> str:

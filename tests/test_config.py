@@ -24,7 +24,7 @@ REQUIRED = {
     "model": {"pixart", "sdxl", "sdxl_turbo", "flux_dev", "flux_schnell", "sana", "bench_dit", "bench_unet", "bench_flow"},
     "sampler": {"euler", "euler_a", "flow_euler", "dpmpp", "ddim"},
     "quant": {"none", "rtn_w8a8", "svdquant_w4a4", "svdquant_w3a4", "svdquant_nvfp4", "mixdq_w4a8", "mixdq_w8a8"},
-    "corrector": {"none", "qdrift", "ptqd", "d2dpm"},
+    "corrector": {"none", "qdrift", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp"},
     "logger": {"wandb", "none"},
 }
 
@@ -77,7 +77,7 @@ def test_every_corrector_option_instantiates(corrector):
         opts = {k: v for k, v in c.items() if k not in ("kind", "pooling")}
         assert make_corrector(c.kind, stats, **opts) is not None, name
     if corrector == "all":
-        assert set(cfg.corrector) == {"qdrift", "qdrift_exact", "ptqd", "d2dpm"}
+        assert set(cfg.corrector) == {"qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp"}
 
 
 @pytest.mark.parametrize("group", ["eval", "logger", "calib", "experiment"])

@@ -88,7 +88,7 @@ def test_graphed_run_writes_the_eager_runs_images(run_tiny, tmp_path, monkeypatc
     assert installed == []
     graphed, graphed_dir = run_tiny([*overrides, "cuda_graph=true"], cache=tmp_path / "cache_graph")
     assert len(installed) == 1 and installed[0].replays > installed[0].captures > 0
-    assert set(graphed["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact", "ptqd", "d2dpm"}
+    assert set(graphed["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp"}
     for variant in graphed["variants"]:
         pngs = sorted((eager_dir / "images" / variant).glob("*.png"))
         assert len(pngs) == 4

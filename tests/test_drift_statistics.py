@@ -1,8 +1,11 @@
 """Calibration statistics: streaming moments, nested refits, manifests, files, teacher forcing."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save
 
 from qdrift.drift import (
     CalibrationPool,
@@ -146,8 +149,24 @@ def test_save_load_roundtrip_and_corruption(tmp_path):
     back = CalibrationPool.load(tmp_path / "pool.safetensors")
     assert torch.equal(back.channel, pool.channel) and back.manifest["model"] == "m"
     (tmp_path / "bad.safetensors").write_bytes((tmp_path / "pool.safetensors").read_bytes()[:100])
-    with pytest.raises(ValueError, match="corrupted calibration statistics file"):
+    with pytest.raises(ValueError, match="calibration statistics: corrupted file"):
         CalibrationPool.load(tmp_path / "bad.safetensors")
+
+
+def test_saved_pool_bytes_do_not_depend_on_the_writer(tmp_path):
+    """Equal pools give equal files (safetensors writes a metadata map in random order: one entry only),
+    and a pool written with the earlier two-entry header still loads."""
+    pool = _accumulate(*_pairs())
+    pool.manifest.update(model="m", steps=3)
+    blobs = set()
+    for n in range(8):
+        pool.save(tmp_path / f"p{n}.safetensors")
+        blobs.add((tmp_path / f"p{n}.safetensors").read_bytes())
+    assert len(blobs) == 1
+    legacy = save({"scalar": pool.scalar, "channel": pool.channel},
+                  metadata={"format": "qdrift-calibration-pool/1", "manifest": json.dumps(pool.manifest)})
+    (tmp_path / "legacy.safetensors").write_bytes(legacy)
+    assert CalibrationPool.load(tmp_path / "legacy.safetensors").manifest["model"] == "m"
 
 
 def test_statistics_of_another_model_are_rejected():

@@ -1,8 +1,9 @@
-"""Analytic testbed (method.md section 8): Gaussian-mixture data, exact denoiser, synthetic quantization noise.
+"""Analytic testbed (method.md section 8): Gaussian-mixture data, exact denoiser, synthetic quantization error.
 
 Numbers are printed (pytest -s) and tabulated in the README (experiments/analytic_testbed.py).
 The regime is the feasible one: 100 steps, so each step's injected variance is small next to
-sigma_n^2 on every step but the last few.
+sigma_n^2 on every step but the last few. Two error settings (testbed.SETTINGS): pure noise, and
+correlated + biased + the same noise.
 """
 from __future__ import annotations
 
@@ -13,14 +14,24 @@ from qdrift.drift import testbed
 STEPS, SAMPLES = 100, 4096
 
 
-@pytest.fixture(scope="module")
-def results():
-    out = {kind: testbed.run(kind, steps=STEPS, num_samples=SAMPLES) for kind in testbed.SAMPLERS}
+def run_all(setting: str):
+    out = {kind: testbed.run(kind, steps=STEPS, num_samples=SAMPLES, error=testbed.SETTINGS[setting])
+           for kind in testbed.KINDS}
     for kind, r in out.items():
         fp_std = r["fp"]["mode_std"]
-        print(f"\n{kind:10s} " + "  ".join(
+        print(f"\n{setting} {kind:10s} " + "  ".join(
             f"{v}: W1->FP {1e3 * m['w1_to_fp']:.2f} std {1e3 * (m['mode_std'] - fp_std):+.1f}" for v, m in r.items()))
     return out
+
+
+@pytest.fixture(scope="module")
+def results():
+    return run_all("noise")
+
+
+@pytest.fixture(scope="module")
+def correlated():
+    return run_all("correlated")
 
 
 def w1(r, v):
@@ -31,7 +42,7 @@ def std_offset(r, v):
     return abs(r[v]["mode_std"] - r["fp"]["mode_std"])
 
 
-@pytest.mark.parametrize("kind", list(testbed.SAMPLERS))
+@pytest.mark.parametrize("kind", list(testbed.KINDS))
 def test_quantization_noise_widens_the_modes(results, kind):
     r = results[kind]
     assert r["quant"]["mode_std"] > r["fp"]["mode_std"] and w1(r, "quant") > 0.001
@@ -68,15 +79,60 @@ def test_paper_rule_on_flow_dpmpp_overshoots(results):
     assert w1(r, "qdrift_paper") == pytest.approx(w1(r, "quant"), rel=0.25)
 
 
-@pytest.mark.parametrize("kind", list(testbed.SAMPLERS))
-def test_d2dpm_bias_removal_hurts_when_the_error_is_pure_noise(results, kind):
+@pytest.mark.parametrize("kind", list(testbed.KINDS))
+@pytest.mark.parametrize("variant", ["d2dpm", "d2dpm_stochastic"])
+def test_d2dpm_bias_removal_hurts_when_the_error_is_pure_noise(results, kind, variant):
     """E[e | u] from a pooled Gaussian treats the spread of u across samples as signal: with an
     error independent of the FP output it shrinks every output toward the mean (why the paper
-    keeps bias removal off)."""
+    keeps bias removal off). The stochastic variant adds the residual back as fresh noise."""
     r = results[kind]
-    assert w1(r, "d2dpm") > 2 * w1(r, "quant")
+    assert w1(r, variant) > 2 * w1(r, "quant")
 
 
-def test_ptqd_noise_reduction_helps_the_ancestral_sampler(results):
-    r = results["euler_a"]
+@pytest.mark.parametrize("kind", ["euler_a", "ddim_eta"])
+def test_ptqd_noise_reduction_helps_the_stochastic_samplers(results, kind):
+    r = results[kind]
     assert w1(r, "ptqd") < 0.6 * w1(r, "quant")
+
+
+def test_qdrift_leaves_ddim_with_eta_alone(results):
+    r = results["ddim_eta"]
+    assert w1(r, "qdrift_paper") == w1(r, "qdrift_exact") == w1(r, "quant")
+
+
+# --- correlated + biased error: what PTQD, D^2-DPM and cumulative compensation were built for ----------
+EPSILON_KINDS = ["euler", "euler_a", "dpmpp", "ddim", "ddim_eta"]
+FLOW_KINDS = ["flow_euler", "dpmpp_flow"]
+
+
+@pytest.mark.parametrize("kind", list(testbed.KINDS))
+def test_systematic_error_dominates_and_qdrift_leaves_it(results, correlated, kind):
+    r = correlated[kind]
+    assert w1(r, "quant") > 3 * w1(results[kind], "quant")
+    for variant in ("qdrift_paper", "qdrift_exact"):
+        assert w1(r, variant) > 0.95 * w1(r, "quant")
+
+
+@pytest.mark.parametrize("kind", list(testbed.KINDS))
+def test_ptqd_removes_the_error_it_models(correlated, kind):
+    r = correlated[kind]
+    assert w1(r, "ptqd") < 0.2 * w1(r, "quant")
+
+
+@pytest.mark.parametrize("kind", list(testbed.KINDS))
+def test_cumcomp_removes_the_bias_but_not_the_correlated_part(correlated, kind):
+    r = correlated[kind]
+    assert w1(r, "cumcomp") < 0.55 * w1(r, "quant")
+    if kind not in ("euler_a", "ddim_eta"):   # deterministic samplers carry the gain's effect to the end
+        assert w1(r, "cumcomp") > 2 * w1(r, "ptqd")
+
+
+@pytest.mark.parametrize("kind", list(testbed.KINDS))
+def test_d2dpm_trades_the_systematic_error_for_its_shrinkage(correlated, kind):
+    r = correlated[kind]
+    for variant in ("d2dpm", "d2dpm_stochastic"):
+        assert w1(r, variant) > 3 * w1(r, "ptqd")
+        if kind in EPSILON_KINDS:
+            assert w1(r, variant) < w1(r, "quant")
+        else:
+            assert w1(r, variant) > w1(r, "quant")

@@ -101,7 +101,13 @@ def test_report_of_a_k_sweep_has_both_runs_k_figure_and_grids(tmp_path):
     page = out["html"].read_text()
     titles = re.findall(r"<h2>([^<]*)</h2>", page)
     assert titles[:3] == ["Table", "Gap recovered per setting (95% CI)", "FID vs K"]
-    assert titles[3].startswith("Calibration size") and titles[4:] == ["Residual variance V_i per step", "Runs"]
+    assert titles[3].startswith("Calibration size") and titles[4:] == [
+        "Residual variance V_i per step", "Drift factor c_i per step",
+        "Error samples: Gaussianity (Fig. 4) and correlations (Fig. 5)", "Runs"]
+    # Fig. 4 and Fig. 5 once for the setting (both K share their calibration runs), from the run's own samples
+    fig4 = re.findall(r"<img alt='Fig. 4 gaussianity: ([^']*)' src='data:image/png;base64,[^']+'", page)
+    fig5 = re.findall(r"<img alt='Fig. 5 correlation: ([^']*)' src='data:image/png;base64,[^']+'", page)
+    assert fig4 == fig5 == ["K=1"] and "4 calibration runs" in page and "No raw error samples" not in page
     assert page.count("<h3>") == 2                            # one section per run, with its command
     assert page.count("python run.py") == 2 and "calib.num_runs=1" in page
     grids = re.findall(r"<img alt='image grid' src='data:image/png;base64,([^']+)'", page)
@@ -171,3 +177,60 @@ def test_error_figures_tell_gaussian_from_skewed_and_correlated_from_shuffled(mo
                                 "independent": rng.normal(size=(200, 8))})
     (real_c, shuf_c), (real_i, shuf_i) = (map(float, re.findall(r"(\d\.\d+)", t)) for t in titles[-1])
     assert real_c > 0.6 > 0.2 > shuf_c and abs(real_i - shuf_i) < 0.1
+
+
+def _samples(runs: int, seed: int = 0):
+    """Raw calibration samples of `runs` synthetic runs (the accumulator calibration uses)."""
+    from qdrift.drift.calibration import PairedAccumulator
+
+    gen = torch.Generator().manual_seed(seed)
+    acc = PairedAccumulator(num_steps=5)
+    for i in range(5):
+        u = torch.randn(runs, 4, 8, 8, generator=gen)
+        acc.add(i, u + 0.1 * torch.randn(runs, 4, 8, 8, generator=gen), u)
+    return acc.samples()
+
+
+def test_report_draws_fig4_and_fig5_from_the_runs_raw_samples(tmp_path, monkeypatch):
+    """A run with stats/samples.safetensors gets Fig. 4 (u and e at a coordinate per kept step, fitted
+    normals) and Fig. 5 (error correlations vs shuffled); a run without them and one with too few runs
+    are named in notes, not errors. A summary with drift factors gets the c_i figure."""
+    import json
+
+    titles = []
+    real = figures._png
+    monkeypatch.setattr(figures, "_png", lambda fig: (titles.append([ax.get_title() for ax in fig.axes]), real(fig))[1])
+    names = {"with": "bench_dit_dpmpp_svdquant_w3a4", "without": "bench_dit_dpmpp_mixdq_w4a8",
+             "few": "bench_dit_dpmpp_svdquant_w4a4"}
+    for key, name in names.items():
+        shutil.copytree(BENCH_RESULTS / name, tmp_path / "runs" / key)
+    (tmp_path / "runs" / "with" / "stats").mkdir()
+    _samples(12).save(tmp_path / "runs" / "with" / "stats" / "samples.safetensors")
+    (tmp_path / "runs" / "few" / "stats").mkdir()
+    _samples(2).save(tmp_path / "runs" / "few" / "stats" / "samples.safetensors")
+    summary = json.loads((tmp_path / "runs" / "with" / "stats_summary.json").read_text())
+    steps = len(summary["residual_var_scalar"])
+    summary["drift_factors"] = {"qdrift": [[1e-3 * (i + 1)] for i in range(steps)]}
+    (tmp_path / "runs" / "with" / "stats_summary.json").write_text(json.dumps(summary))
+
+    page = write_report([tmp_path / "runs"], tmp_path / "r.html")["html"].read_text()
+    assert "<h2>Error samples: Gaussianity (Fig. 4) and correlations (Fig. 5)</h2>" in page
+    assert "<h2>Drift factor c_i per step</h2>" in page
+    fig4 = re.findall(r"<img alt='Fig. 4 gaussianity: ([^']*)' src='data:image/png;base64,([^']+)'", page)
+    fig5 = re.findall(r"<img alt='Fig. 5 correlation: ([^']*)' src='data:image/png;base64,([^']+)'", page)
+    assert [label for label, _ in fig4] == [label for label, _ in fig5] == ["quant=svdquant_w3a4"]
+    for _, png in fig4 + fig5:
+        assert Image.open(io.BytesIO(base64.b64decode(png))).size[0] > 300
+    assert "12 calibration runs" in page
+    note = re.search(r"No raw error samples \(samples.safetensors\) in: ([^<]*)", page)
+    assert note and "quant=mixdq_w4a8" in note[1] and "svdquant" not in note[1]
+    assert "quant=svdquant_w4a4</h4><p class='note'>Not drawn: 2 calibration run(s): too few" in page
+    gauss, corr = (t for t in titles if any("Shapiro-Wilk" in x or "mean |r|" in x for x in t))
+    assert len(gauss) == 6 and all("Shapiro-Wilk p = " in t for t in gauss)   # u and e at steps 0, 2, 4
+    assert [t.split(",")[0] for t in gauss[:3]] == ["step 0 (channel 0", "step 2 (channel 0", "step 4 (channel 0"]
+    assert len(corr) == 3 and all("128 coordinates: mean |r|" in t for t in corr)   # 2 channels x 64 positions
+
+
+def test_report_without_any_raw_samples_says_so(tmp_path):
+    page = write_report([BENCH_RESULTS], tmp_path / "r.html")["html"].read_text()
+    assert "No raw error samples" in page and "Fig. 4 gaussianity" not in page

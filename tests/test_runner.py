@@ -55,7 +55,7 @@ def test_tiny_run_without_quantization_or_correction(run_tiny):
 
 def test_quantized_and_corrected_run_writes_statistics(run_tiny):
     metrics, run_dir = run_tiny(["quant=rtn_w4a8", "++quant.calib_prompts=2", "corrector=all"])
-    assert set(metrics["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact", "ptqd", "d2dpm"}
+    assert set(metrics["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp"}
     assert (run_dir / "stats/pool.safetensors").is_file()
     summary = json.loads((run_dir / "stats/summary.json").read_text())
     assert summary["num_runs"] == 2 and len(summary["residual_var_scalar"]) == 4

@@ -113,6 +113,8 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert json.loads((run_two / "metrics.json").read_text())["variants"] == \
         json.loads((run_one / "metrics.json").read_text())["variants"]
     assert pngs(run_two) == pngs(run_one)
+    for name in ("pool.safetensors", "samples.safetensors", "summary.json"):   # blocks made by both ranks
+        assert (run_two / "stats" / name).read_bytes() == (run_one / "stats" / name).read_bytes(), name
     rank1 = (run_two / "run_rank1.log").read_text()
     assert re.search(r"rank1\] Q-Drift calibration: 1 of 3 blocks", rank1)   # its share: block 1 of 0, 1, 2
     assert re.search(r"rank1\] generate qdrift: \d+/\d+ batch", rank1)

@@ -193,6 +193,8 @@ def test_offline_sweep_runs_are_grouped_tagged_with_step_history_and_local_image
         summary = json.loads((run_dir / "stats" / "summary.json").read_text())
         assert [float(h["per_step/V_i"]) for h in per_step] == pytest.approx(
             [v[0] for v in summary["residual_var_scalar"]])
+        factors = [float(h["per_step/qdrift/drift_factor"]) for h in per_step]   # Q-Drift's c_i, per step
+        assert factors == pytest.approx([c[0] for c in summary["drift_factors"]["qdrift"]]) and any(factors)
         media = list(run_dir.glob("wandb/offline-run-*/files/media/images/samples/*.png"))
         assert len(media) == 3 * 2   # fp, quant, qdrift x 2 prompts, inside the run dir
     assert len(groups) == 1 and next(iter(groups)).startswith("sweep-")
@@ -205,5 +207,58 @@ def test_review_workspace_lays_out_every_panel_offline():
     model = build_workspace("me", "qdrift", group="sweep-abc")._to_model().model_dump(by_alias=True)
     text = json.dumps(model, default=str)
     for key in ("summary:qdrift/gap_recovered", "config:calib.value.num_runs", "per_step/V_i",
-                "per_step/channel_spread", "samples/quant", "sweep-abc"):
+                "per_step/channel_spread", "per_step/qdrift/drift_factor", "per_step/qdrift_exact/drift_factor",
+                "samples/quant", "sweep-abc"):
         assert key in text, key
+
+
+def _history(run_dir: Path) -> list[dict]:
+    (wandb_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    return [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "history"]
+
+
+def test_per_step_history_has_each_correctors_drift_factors(tmp_path, monkeypatch):
+    """log_steps puts every Q-Drift variant's c_i on the step axis under per_step/<variant>/drift_factor:
+    one value per sampling step, equal to the corrector's drift_factors() (the channel mean for
+    channel pooling); a variant without factors (PTQD) gets no series."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from qdrift.drift import QDrift, wrap_scheduler
+    from qdrift.drift.calibration import PairedAccumulator
+    from qdrift.tracking.wandb_logger import WandbLogger
+
+    for k, v in wandb_env(tmp_path).items():
+        if k.startswith("WANDB_"):
+            monkeypatch.setenv(k, v)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    steps, gen = 5, torch.Generator().manual_seed(0)
+    acc = PairedAccumulator(steps)
+    for i in range(steps):   # an error that grows with the step and differs between the 3 channels
+        u = torch.randn(6, 3, 4, 4, generator=gen)
+        scale = (i + 1) * torch.tensor([0.01, 0.03, 0.1]).reshape(1, 3, 1, 1)
+        acc.add(i, u + scale * torch.randn(6, 3, 4, 4, generator=gen), u)
+    pool = acc.pool()
+    factors = {}
+    for name, pooling, mode in (("qdrift", "scalar", "paper"), ("qdrift_ch", "channel", "exact")):
+        hook = QDrift(pool.fit(None, pooling), mode=mode)
+        sch = wrap_scheduler(DPMSolverMultistepScheduler(), hook)
+        sch.set_timesteps(steps)
+        factors[name] = hook.drift_factors().double()
+    assert factors["qdrift_ch"].shape == (steps, 3) and factors["qdrift"].shape == (steps, 1)
+    summary = {"timesteps": sch.timesteps.tolist(), "residual_var_scalar": pool.fit(None).residual_var.tolist(),
+               "residual_var_channel": pool.fit(None, "channel").residual_var.tolist(),
+               "drift_factors": {name: f.tolist() for name, f in factors.items()}}
+    cfg = OmegaConf.create({"kind": "wandb", "mode": "offline", "project": "p"})
+    logger = WandbLogger(cfg, tmp_path, {"corrector": {"qdrift": {}, "ptqd": {}}}, name="factors")
+    assert logger.run is not None
+    logger.log_steps(summary)
+    logger.finish()
+    rows = [h for h in _history(tmp_path) if "per_step/V_i" in h]
+    assert [int(h["step"]) for h in rows] == list(range(steps))
+    for name, f in factors.items():
+        logged = [h[f"per_step/{name}/drift_factor"] for h in rows]
+        assert logged == pytest.approx(f.mean(dim=1).tolist(), rel=1e-12, abs=0)
+        assert len(set(logged)) == steps   # a real per-step series, not one value repeated
+    assert not [k for h in rows for k in h if k.startswith("per_step/ptqd")]

@@ -5,20 +5,26 @@ classifier-free guidance is combined. Inside an unmodified diffusers pipeline th
 passes per batch: the FP pass records its trajectory (`TrajectoryRecorder`); the quantized pass
 is teacher-forced onto it (`TeacherForcing`): at step i it sees the quantized guided output at
 x_i, adds (u, e) to the moments, and returns the FP trajectory's x_{i+1} as its next sample.
+
+Besides the moments, each run keeps a small fixed set of raw samples (samples.py) for the paper's
+Fig. 4 and Fig. 5.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from . import moments
 from .hooks import StepHook, wrap_scheduler
 from .layout import by_channel, check_layout
+from .samples import ErrorSamples, sample_coordinates, sample_steps
 from .statistics import CalibrationPool
 
-CALIBRATION_VERSION = 1   # bump when a change alters the moments a calibration run records
-
+# Bump when a change alters what a calibration run records (2: raw error samples, ErrorSamples).
+CALIBRATION_VERSION = 2
 
 class PairedAccumulator:
     """Moment records of (u, e) for a batch of runs: scalar (B, S, 6) and per channel (B, S, C, 6)."""
@@ -29,6 +35,9 @@ class PairedAccumulator:
         self.scalar: torch.Tensor | None = None
         self.channel: torch.Tensor | None = None
         self.seen = torch.zeros(num_steps, dtype=torch.bool)
+        self.sample_steps = sample_steps(num_steps)
+        self.raw: dict = {}                       # ErrorSamples' coordinates and u, e, field at sample_steps
+        self.sampler_call: dict | None = None     # the pipeline's set_timesteps call (calibrate_batch)
 
     def add(self, i: int, u_quant: torch.Tensor, u_fp: torch.Tensor) -> None:
         u = by_channel(u_quant.detach().double(), self.layout)
@@ -40,6 +49,30 @@ class PairedAccumulator:
         self.channel[:, i] = moments.trimmed_moments(u, e, self.trim_std).cpu()
         self.scalar[:, i] = moments.trimmed_moments(u.reshape(b, -1), e.reshape(b, -1), self.trim_std).cpu()
         self.seen[i] = True
+        if i in self.sample_steps:
+            self._keep(self.sample_steps.index(i), u.reshape(b, -1), e.reshape(b, -1), c)
+
+    def _keep(self, j: int, u: torch.Tensor, e: torch.Tensor, channels: int) -> None:
+        """The raw samples of step sample_steps[j]: each run's own values at fixed coordinates."""
+        if not self.raw:
+            positions = u.shape[1] // channels
+            points, field_points = sample_coordinates(channels, positions)
+            s = len(self.sample_steps)
+            self.raw = {"points": points, "field_points": field_points, "channels": channels, "positions": positions,
+                        "u": torch.zeros(u.shape[0], s, len(points)), "e": torch.zeros(u.shape[0], s, len(points)),
+                        "field": torch.zeros(u.shape[0], s, len(field_points))}
+        points, field_points = self.raw["points"].to(u.device), self.raw["field_points"].to(u.device)
+        self.raw["u"][:, j] = u[:, points].float().cpu()
+        self.raw["e"][:, j] = e[:, points].float().cpu()
+        self.raw["field"][:, j] = e[:, field_points].float().cpu()
+
+    def samples(self, manifest: dict | None = None) -> ErrorSamples:
+        """The raw samples of this batch of runs (after every step was seen)."""
+        if not self.raw or not all(bool(self.seen[i]) for i in self.sample_steps):
+            raise RuntimeError("calibration did not see the steps whose raw samples are kept")
+        r = self.raw
+        return ErrorSamples(list(self.sample_steps), r["channels"], r["positions"], r["points"], r["field_points"],
+                            r["u"], r["e"], r["field"], dict(manifest or {}))
 
     def pool(self, manifest: dict | None = None) -> CalibrationPool:
         if self.scalar is None or not bool(self.seen.all()):
@@ -91,10 +124,50 @@ def calibrate_batch(run: Callable[[object, bool], None], scheduler, num_steps: i
     Returns the accumulator and the timesteps the sampler used.
     """
     recorder = TrajectoryRecorder()
-    run(wrap_scheduler(scheduler, recorder), False)
+    fp_scheduler = wrap_scheduler(scheduler, recorder)
+    calls = _record_set_timesteps(fp_scheduler)
+    run(fp_scheduler, False)
     accumulator = PairedAccumulator(num_steps, layout, trim_std)
     run(wrap_scheduler(scheduler, TeacherForcing(recorder, accumulator)), True)
+    accumulator.sampler_call = calls[-1] if calls else None
     return accumulator, recorder.timesteps
+
+
+def _record_set_timesteps(scheduler) -> list[dict]:
+    """Record (as JSON) every set_timesteps call the pipeline makes on `scheduler`: its arguments
+    set up the sampler (FLUX: shifted sigmas and mu), and `replay_set_timesteps` repeats them later."""
+    calls: list[dict] = []
+    real = scheduler.set_timesteps
+
+    @functools.wraps(real)   # pipelines inspect its signature (sigmas=, timesteps=, mu=)
+    def recording(*args, **kwargs):
+        kept = {k: _to_json(v) for k, v in kwargs.items() if k != "device"}   # replayed on the CPU
+        calls.append({"args": [_to_json(a) for a in args[:1]], "kwargs": kept})   # args[1]: the device
+        return real(*args, **kwargs)
+
+    scheduler.set_timesteps = recording
+    return calls
+
+
+def _to_json(v):
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return {"array": v.tolist(), "dtype": str(v.dtype).replace("torch.", ""), "tensor": isinstance(v, torch.Tensor)}
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _from_json(v):
+    if isinstance(v, dict) and "array" in v:
+        a = np.asarray(v["array"], dtype=v["dtype"])
+        return torch.from_numpy(a) if v["tensor"] else a
+    return v
+
+
+def replay_set_timesteps(scheduler, call: dict):
+    """Set `scheduler`'s timesteps as a recorded pipeline call did (on the CPU); a wrapped scheduler's
+    hook is prepared by it."""
+    scheduler.set_timesteps(*[_from_json(a) for a in call["args"]],
+                            **{k: _from_json(v) for k, v in call["kwargs"].items()})
+    return scheduler
 
 
 @torch.no_grad()

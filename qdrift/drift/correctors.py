@@ -2,24 +2,30 @@
 
 - `QDrift`: rescale each step's update by the drift that pairs with the residual noise
   (method.md sections 2-4, 7), optionally after removing the conditional bias E[e | u].
-- `PTQD`: undo the correlated error, u_fp ~ (u - b) / (1 + k); on stochastic samplers also shrink
-  the sampler's noise by the remaining residual variance.
-- `D2DPM`: subtract E[e | u] from the joint Gaussian of (u, e); on stochastic samplers also
-  absorb the residual variance into the sampler's noise.
-All three read the same `DriftStatistics` and keep the wrapped scheduler's `step` signature.
+- `PTQD` (He et al., NeurIPS 2023): undo the correlated error, u_fp ~ (u - b) / (1 + k), k from the
+  scalar statistics, b per channel; stochastic samplers also shrink their noise by the residual variance.
+- `D2DPM` (Zeng et al. 2025): from the joint Gaussian of (u, e), subtract E[e | u] (deterministic
+  variant; stochastic samplers absorb Var(e | u) into their noise) or a draw of e | u (stochastic variant).
+- `CumComp` (after Liu et al. 2025, arXiv 2508.12094): remove each step's systematic (mean) error where
+  it enters, so that no mean deviation accumulates along the trajectory.
+All read the same `DriftStatistics` and keep the wrapped scheduler's `step` signature.
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from .hooks import StepHook
 from .layout import broadcastable, check_layout
-from .rules import Coefficients, Schedule, ancestral_noise_scale, coefficients, schedule_of
+from .rules import Coefficients, Schedule, ancestral_noise_scale, coefficients, ddim_noise_std, schedule_of
 from .statistics import DriftStatistics, StatisticsMismatch
 
 
 class Corrector(StepHook):
-    """Shared mechanics: an output transform, step coefficients and ancestral noise scaling."""
+    """Shared mechanics: an output transform, step coefficients and the sampler's own noise shrunk by the
+    variance the corrected output still carries (Euler ancestral's sigma_up, DDIM's eta > 0)."""
 
     def __init__(self, stats: DriftStatistics, layout: str = "image"):
         check_layout(layout)
@@ -34,7 +40,9 @@ class Corrector(StepHook):
         self.schedule = schedule_of(scheduler)
         self._check_trajectory(scheduler)
         self.coef = self.step_coefficients(self.schedule)
-        self.noise_scale = self.ancestral_scale(self.schedule)
+        absorbed = self.absorbed_variance()
+        self.noise_scale = None if absorbed is None else ancestral_noise_scale(self.schedule, absorbed)
+        self.prediction = getattr(scheduler.config, "prediction_type", None)
 
     def _check_trajectory(self, scheduler) -> None:
         steps = self.schedule.num_steps
@@ -52,7 +60,9 @@ class Corrector(StepHook):
     def step_coefficients(self, schedule: Schedule) -> Coefficients:
         return Coefficients.identity(self.stats.num_steps, self.stats.s_ee.shape[1])
 
-    def ancestral_scale(self, schedule: Schedule) -> torch.Tensor | None:
+    def absorbed_variance(self) -> torch.Tensor | None:
+        """(S, C) variance of the error left in the corrected output that stochastic samplers absorb into
+        their own noise (None: leave the sampler's noise alone)."""
         return None
 
     def transform_output(self, i: int, u: torch.Tensor) -> torch.Tensor:
@@ -69,12 +79,15 @@ class Corrector(StepHook):
         out_i = self.coef.out[i]
         if not torch.all(out_i == 1):
             u = (u.float() * self._vec(self.coef.out, i, u)).to(model_output.dtype)
+        eta = float(step_kwargs.get("eta") or 0.0)
+        if eta > 0:   # DDIM with its own noise: no drift rule covers it, the noise absorbs the residual
+            return self._ddim_noisy_step(i, u, eta, parent, step_kwargs)
         base = parent(u).prev_sample
         if self.noise_scale is not None and not torch.all(self.noise_scale[i] == 1):
             base = self._scale_ancestral_noise(i, base, u, sample)
         p, q = self.coef.p[i], self.coef.q[i]
-        if (torch.all(p == 1) and torch.all(q == 0)) or step_kwargs.get("eta", 0.0) > 0:
-            return base  # nothing to do (bit-identical to the wrapped scheduler), or DDIM with its own noise
+        if torch.all(p == 1) and torch.all(q == 0):
+            return base  # nothing to do: bit-identical to the wrapped scheduler
         mixed = self._vec(self.coef.p, i, base) * base.float() + self._vec(self.coef.q, i, base) * sample.float()
         return mixed.to(base.dtype)
 
@@ -84,6 +97,20 @@ class Corrector(StepHook):
         det = sample.float() + (float(s.sigma_n[i]) - float(s.sigma_i[i])) * u.float()
         noise = base.float() - det
         return (det + noise * self._vec(self.noise_scale, i, base)).to(base.dtype)
+
+    def _ddim_noisy_step(self, i, u, eta, parent, step_kwargs):
+        """DDIM, eta > 0: the step on the noise z it would draw itself, then std z -> std' z (rules.ddim_noise_std)."""
+        absorbed = self.absorbed_variance()
+        if absorbed is None:
+            return parent(u).prev_sample
+        std, reduced = ddim_noise_std(self.schedule, eta, absorbed, self.prediction)
+        if torch.all(reduced[i] == std[i]):
+            return parent(u).prev_sample
+        noise = step_kwargs.get("variance_noise")
+        if noise is None:   # DDIM's own draw, so the generator's stream stays that of the uncorrected sampler
+            noise = randn_tensor(u.shape, generator=step_kwargs.get("generator"), device=u.device, dtype=u.dtype)
+        base = parent(u, variance_noise=noise, generator=None).prev_sample
+        return (base.float() + self._vec(reduced - std, i, base) * noise.float()).to(base.dtype)
 
     # --- helpers ---------------------------------------------------------------------------
     def _conditional_bias(self, i: int, u: torch.Tensor) -> torch.Tensor:
@@ -121,39 +148,96 @@ class QDrift(Corrector):
 
 
 class PTQD(Corrector):
-    """PTQD: e = k u_fp + b + r; correct with (u - b) / (1 + k)."""
+    """PTQD as its authors adapt it: e = k u_fp + b + r; correct with (u - b) / (1 + k).
+
+    k: one slope per step of the error on the FP output, from the scalar statistics, clamped at k >= 0
+    (the authors' code does); b: the mean of e - k u_fp in the statistics' pooling (per channel, as PTQD's
+    bias correction, with `pooling: channel`). Stochastic samplers absorb Var(r) / (1 + k)^2.
+    """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image"):
         super().__init__(stats, layout)
-        st = stats
-        s_ff = st.s_uu - 2 * st.s_ue + st.s_ee            # Var(u_fp), u_fp = u - e
-        s_ef = st.s_ue - st.s_ee                          # Cov(e, u_fp)
-        self.k = torch.where(s_ff > 0, s_ef / s_ff.clamp_min(1e-300), torch.zeros_like(s_ff))
-        self.b = st.mu_e - self.k * (st.mu_u - st.mu_e)
-        resid = (st.s_ee - self.k * s_ef).clamp_min(0)
-        self.residual = resid / (1 + self.k) ** 2          # what is left after the linear correction
+        sc = stats.scalar()
+        s_ff = sc.s_uu - 2 * sc.s_ue + sc.s_ee            # Var(u_fp), u_fp = u - e
+        s_ef = sc.s_ue - sc.s_ee                          # Cov(e, u_fp)
+        self.k = torch.where(s_ff > 0, s_ef / s_ff.clamp_min(1e-300), torch.zeros_like(s_ff)).clamp_min(0)
+        st, k = stats, self.k
+        self.b = st.mu_e - k * (st.mu_u - st.mu_e)
+        resid = st.s_ee - 2 * k * (st.s_ue - st.s_ee) + k**2 * (st.s_uu - 2 * st.s_ue + st.s_ee)   # Var(e - k u_fp)
+        self.residual = resid.clamp_min(0) / (1 + k) ** 2  # what is left after the linear correction
 
     def transform_output(self, i, u):
         k, b = self._vec(self.k, i, u), self._vec(self.b, i, u)
         return ((u.float() - b) / (1 + k)).to(u.dtype)
 
-    def ancestral_scale(self, schedule):
-        return ancestral_noise_scale(schedule, self.residual)
+    def absorbed_variance(self):
+        return self.residual
+
+
+D2DPM_VARIANTS = ("deterministic", "stochastic")
 
 
 class D2DPM(Corrector):
-    """D^2-DPM: subtract E[e | u]; stochastic samplers also absorb the residual into their noise."""
+    """D^2-DPM on the joint Gaussian of (u, e) per step.
+
+    deterministic (D-D^2): u - E[e | u]; stochastic samplers absorb V = Var(e | u) into their own noise.
+    stochastic (S-D^2): u - e~ with e~ ~ N(E[e | u], V) drawn afresh at every step: given u, the corrected
+    output is distributed as u_fp is, so nothing is absorbed (the authors' S-D^2 sampler leaves sigma_t).
+    Draws come from a generator seeded by `seed` and the trajectories' initial latents: runs repeat exactly.
+    """
+
+    def __init__(self, stats: DriftStatistics, layout: str = "image", variant: str = "deterministic",
+                 seed: int = 0):
+        super().__init__(stats, layout)
+        if variant not in D2DPM_VARIANTS:
+            raise ValueError(f"unknown D^2-DPM variant {variant!r}; choose one of {D2DPM_VARIANTS}")
+        self.variant, self.seed = variant, int(seed)
+        self.generator: torch.Generator | None = None
+
+    def prepare(self, scheduler):
+        super().prepare(scheduler)
+        self.generator = None   # seeded again at the first step of each trajectory
+
+    def step(self, scheduler, i, model_output, sample, parent, step_kwargs):
+        if self.variant == "stochastic" and (i == 0 or self.generator is None):
+            self._seed(sample)
+        return super().step(scheduler, i, model_output, sample, parent, step_kwargs)
+
+    def _seed(self, latents: torch.Tensor) -> None:
+        digest = zlib.crc32(latents.detach().float().cpu().contiguous().numpy().tobytes())
+        self.generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + digest) % 2**64)
 
     def transform_output(self, i, u):
-        return (u.float() - self._conditional_bias(i, u)).to(u.dtype)
+        mean = self._conditional_bias(i, u)
+        if self.variant == "deterministic":
+            return (u.float() - mean).to(u.dtype)
+        if self.generator is None:   # called outside a trajectory: seed from the output itself
+            self._seed(u)
+        z = torch.randn(u.shape, generator=self.generator, dtype=torch.float32).to(u.device)
+        return (u.float() - mean - self._vec(self.stats.residual_var, i, u).sqrt() * z).to(u.dtype)
 
-    def ancestral_scale(self, schedule):
-        return ancestral_noise_scale(schedule, self.stats.residual_var)
+    def absorbed_variance(self):
+        return self.stats.residual_var if self.variant == "deterministic" else None
 
 
-CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM}
+class CumComp(Corrector):
+    """Timestep-aware cumulative error compensation, our reading of Liu et al. 2025 (arXiv 2508.12094).
+
+    A systematic per-step error b_i (the mean of e at step i, per channel with `pooling: channel`) reaches
+    the final sample through the sampler's closed-form propagation; compensating the accumulated error at
+    every step is, to first order, removing b_i where it enters: u - b_i. Calibrated on the FP trajectory
+    (teacher forcing), so the compensated trajectory carries no mean deviation to propagate. Targets the
+    systematic part only: no slope, no variance handling (README, "Peer correctors").
+    """
+
+    def transform_output(self, i, u):
+        return (u.float() - self._vec(self.stats.mu_e, i, u)).to(u.dtype)
+
+
+CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM, "cumcomp": CumComp}
 # Code version of each corrector's rules (rules.py included): bump when a change alters its images.
-CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 1, "d2dpm": 1}
+# ptqd 2: k from the scalar fit, clamped at 0; bias per the statistics' pooling (channel by default).
+CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 2, "d2dpm": 1, "cumcomp": 1}
 
 
 def make_corrector(kind: str, stats: DriftStatistics, layout: str = "image", **options) -> Corrector:

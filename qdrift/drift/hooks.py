@@ -8,6 +8,7 @@ keeps its config, `set_timesteps` signature, `isinstance` checks and `step` sign
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -22,7 +23,8 @@ class StepHook:
 
     def step(self, scheduler, i: int, model_output: torch.Tensor, sample: torch.Tensor,
              parent: Callable[[torch.Tensor], object], step_kwargs: dict) -> torch.Tensor:
-        """Return the next sample of step `i`; `parent(model_output)` runs the wrapped scheduler's step."""
+        """Return the next sample of step `i`; `parent(model_output)` runs the wrapped scheduler's step
+        (`parent(model_output, eta=...)` with some of its keyword arguments replaced)."""
         return parent(model_output).prev_sample
 
 
@@ -41,11 +43,16 @@ class _Hooked:
         hook = self.qdrift_hook
         if hook is None:
             return super().step(model_output, timestep, sample, *args, return_dict=return_dict, **kwargs)
+        if args:   # name positional extras (DDIM's eta, generator, ...): hooks read and override them by name
+            names = list(inspect.signature(super().step).parameters)[3:]
+            kwargs = {**dict(zip(names, args)), **kwargs}
+            return_dict = kwargs.pop("return_dict", return_dict)
         i = step_index_of(self, timestep)
         result = {}
 
-        def parent(output):
-            result["out"] = super(_Hooked, self).step(output, timestep, sample, *args, return_dict=True, **kwargs)
+        def parent(output, **overrides):
+            result["out"] = super(_Hooked, self).step(output, timestep, sample, return_dict=True,
+                                                      **{**kwargs, **overrides})
             return result["out"]
 
         prev = hook.step(self, i, model_output, sample, parent, kwargs)

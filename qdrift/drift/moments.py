@@ -7,6 +7,8 @@ without touching the models again.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 N, MU_U, MU_E, M_UU, M_EE, M_UE = range(6)
@@ -62,17 +64,20 @@ def reduce(records: torch.Tensor, dim: int) -> torch.Tensor:
     ], -1)
 
 
-def trimmed_moments(u: torch.Tensor, e: torch.Tensor, trim_std: float) -> torch.Tensor:
+def trimmed_moments(u: torch.Tensor, e: torch.Tensor, trim_std: float, over: tuple[int, ...] = (-1,)) -> torch.Tensor:
     """Moments of rows (..., L) after dropping |e - mean(e)| > trim_std * std(e) within each row.
 
     Trimming inside each (run, step, channel-pool) row keeps calibration single-pass: the rows
     are in memory when they are reduced, and pooled records stay exact merges of per-run records.
+    `over` names the axes whose pooled mean and std set the threshold: (0, -1) on (runs, ..., L)
+    trims against all runs at once (the authors' global trim, which needs every run in memory).
     """
     if trim_std is None or trim_std <= 0:
         return moments_of(u, e)
     e64 = e.double()
-    mean = e64.mean(-1, keepdim=True)
-    std = e64.std(-1, keepdim=True, unbiased=True) if e.shape[-1] > 1 else torch.zeros_like(mean)
+    mean = e64.mean(over, keepdim=True)
+    count = math.prod(e.shape[d] for d in over)
+    std = e64.std(over, keepdim=True, unbiased=True) if count > 1 else torch.zeros_like(mean)
     keep = (e64 - mean).abs() <= trim_std * std
     keep |= std == 0  # a constant error has no outliers
     return moments_of(u, e, keep)

@@ -244,3 +244,23 @@ def ancestral_noise_scale(schedule: Schedule, residual: torch.Tensor) -> torch.T
     dt = (schedule.sigma_n - schedule.sigma_i).unsqueeze(-1)
     reduced = (up**2 - dt**2 * residual.double()).clamp_min(0).sqrt()
     return torch.where(up > 0, reduced / up.clamp_min(1e-300), torch.ones_like(reduced))
+
+
+def ddim_noise_std(schedule: Schedule, eta: float, residual: torch.Tensor, prediction: str):
+    """DDIM with eta > 0: the std of the noise each step adds, (S, 1), and the reduced one, (S, C), that
+    absorbs a residual of variance `residual` (S, C) on the model output (PTQD's and D^2-DPM's
+    variance-schedule calibration).
+
+    The step is x_n = sqrt(a_n) x0 + sqrt(1 - a_n - std^2) eps + std z with
+    std = eta * sqrt((1 - a_n)/(1 - a_i) (1 - a_i/a_n)); the residual reaches x_n through
+    c = dx_n/du = sqrt(a_n) dx0/du + sqrt(1 - a_n - std^2) deps/du. Keeping the deterministic part and
+    adding std' z with std'^2 = max(std^2 - c^2 r, 0) keeps the step's variance. (Recomputing the
+    direction term for std', as the authors' code does, would not: every DDIM eta has the same marginals.)
+    """
+    if schedule.kind != "ddim":
+        raise ValueError(f"eta is DDIM's noise argument, not {schedule.kind}'s")
+    a_i, s_i, a_n, s_n = _levels(schedule)
+    std = eta * (s_n**2 / s_i**2 * (1 - a_i**2 / a_n**2)).clamp_min(0).sqrt()
+    eps_gain = torch.ones_like(a_i) if prediction == "epsilon" else a_i   # v-prediction: eps = alpha v + sigma x
+    c = a_n * schedule.x0_gain.unsqueeze(-1) + (s_n**2 - std**2).clamp_min(0).sqrt() * eps_gain
+    return std, (std**2 - c**2 * residual.double()).clamp_min(0).sqrt()

@@ -8,18 +8,16 @@ V_i = s_ee - s_ue^2 / s_uu.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
-
-from qdrift.cache import atomic_write_bytes
+from qdrift.cache import atomic_write_bytes, read_safetensors, safetensors_bytes
 
 from . import moments
+
+POOL_FORMAT = "qdrift-calibration-pool/1"
 
 POOLINGS = ("scalar", "channel")
 # Manifest keys that must agree between statistics and the run that uses them.
@@ -45,10 +43,19 @@ class DriftStatistics:
     s_ue: torch.Tensor
     pooling: str = "scalar"
     manifest: dict = field(default_factory=dict)
+    pooled: "DriftStatistics | None" = field(default=None, repr=False)   # a channel fit's scalar fit (same runs)
 
     @property
     def num_steps(self) -> int:
         return self.s_ee.shape[0]
+
+    def scalar(self) -> "DriftStatistics":
+        """The fit pooled over channels too (PTQD's correlation coefficient reads it next to channel biases)."""
+        if self.s_ee.shape[1] == 1:
+            return self
+        if self.pooled is None:
+            raise ValueError("channel statistics without their scalar fit: fit them with CalibrationPool.fit")
+        return self.pooled
 
     @property
     def residual_var(self) -> torch.Tensor:
@@ -120,7 +127,9 @@ class CalibrationPool:
             pooled = pooled[:, None, :]
         cov = moments.covariance(pooled)
         manifest = dict(self.manifest, num_runs=len(index), runs=index.tolist(), pooling=pooling)
-        return DriftStatistics(cov["mu_u"], cov["mu_e"], cov["s_uu"], cov["s_ee"], cov["s_ue"], pooling, manifest)
+        pooled = self.fit(index.tolist(), "scalar") if pooling == "channel" else None
+        return DriftStatistics(cov["mu_u"], cov["mu_e"], cov["s_uu"], cov["s_ee"], cov["s_ue"], pooling, manifest,
+                               pooled)
 
     def _run_index(self, runs) -> torch.Tensor:
         if runs is None:
@@ -148,9 +157,8 @@ class CalibrationPool:
     def save(self, path: str | Path) -> None:
         """Atomically write safetensors (float64 records + JSON manifest in the header)."""
         manifest = dict(self.manifest, num_runs=self.num_runs)
-        blob = save({"scalar": self.scalar.contiguous(), "channel": self.channel.contiguous()},
-                    metadata={"manifest": json.dumps(manifest, sort_keys=True), "format": "qdrift-calibration-pool/1"})
-        atomic_write_bytes(path, blob)
+        atomic_write_bytes(path, safetensors_bytes({"scalar": self.scalar, "channel": self.channel}, POOL_FORMAT,
+                                                   manifest))
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationPool":
@@ -158,14 +166,9 @@ class CalibrationPool:
         if not path.is_file():
             raise FileNotFoundError(f"no calibration statistics at {path}")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-            manifest = json.loads(meta["manifest"])
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as err:
-            raise ValueError(f"corrupted calibration statistics file {path} ({err}); delete it to recompute") from err
-        if meta.get("format") != "qdrift-calibration-pool/1" or set(tensors) != {"scalar", "channel"}:
-            raise ValueError(f"{path} is not a qdrift calibration pool")
+            tensors, manifest = read_safetensors(path, POOL_FORMAT, {"scalar", "channel"})
+        except ValueError as err:
+            raise ValueError(f"calibration statistics: {err}") from None
         try:
             return cls(tensors["scalar"], tensors["channel"], manifest)
         except InvalidStatistics as err:

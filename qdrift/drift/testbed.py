@@ -2,9 +2,10 @@
 
 Every coordinate of x0 is drawn from a 1-D Gaussian mixture, so E[x0 | x_t] is known in closed
 form and the "FP model" is exact. The "quantized model" adds a correlated part, a bias and fresh
-Gaussian noise of a known, late-growing variance at every call. Correctors are calibrated with the
-real calibration code and run through the real scheduler wrappers; the final samples are compared
-with the FP sampler's (which, with few steps, is itself off the data) and with the true data.
+Gaussian noise of a known, late-growing variance at every call (SETTINGS: noise only, or all three).
+Correctors are calibrated with the real calibration code and run through the real scheduler wrappers;
+the final samples are compared with the FP sampler's (which, with few steps, is itself off the data)
+and with the true data.
 """
 from __future__ import annotations
 
@@ -35,6 +36,14 @@ SAMPLERS = {
                                                       flow_shift=3.0, algorithm_type="dpmsolver++", solver_order=2),
     "ddim": lambda: DDIMScheduler(**_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
 }
+# Testbed samplers: the schedulers above, and DDIM with eta = 1 (its own noise each step, PTQD's setting).
+KINDS = (*SAMPLERS, "ddim_eta")
+STEP_ARGS = {"ddim_eta": {"eta": 1.0}}
+NOISY = ("euler_a", "ddim_eta")   # samplers that draw noise (from a seeded generator)
+
+
+def scheduler_for(kind: str):
+    return SAMPLERS["ddim" if kind == "ddim_eta" else kind]()
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,8 @@ class Mixture:
 
 @dataclass(frozen=True)
 class QuantError:
-    """e = gain * u_fp + bias + sqrt(V) z with fresh z at every call.
+    """e = gain * u_fp + bias + sqrt(V) z with fresh z at every call (PTQD's error model: correlated part,
+    constant bias, noise).
 
     V depends on the model input's noise level s in [0, 1] (VP sigma, or t for flow models) and
     grows from var_min at pure noise to var_max at the clean end, as the paper's Fig. 3 shows.
@@ -83,6 +93,11 @@ class QuantError:
 
     def variance(self, noise_level: float) -> float:
         return self.var_min + (self.var_max - self.var_min) * (1.0 - noise_level) ** self.power
+
+
+# The two regimes: pure noise (what Q-Drift models) and correlated + biased + the same noise (what PTQD,
+# D^2-DPM and cumulative compensation model).
+SETTINGS = {"noise": QuantError(), "correlated": QuantError(gain=0.02, bias=0.01)}
 
 
 class ExactDenoiser:
@@ -122,15 +137,15 @@ class ExactDenoiser:
 def sample(kind: str, steps: int, x_T: torch.Tensor, data: Mixture, error: QuantError | None = None,
            hook=None, seed: int = 0) -> torch.Tensor:
     """Run one sampler from x_T with the exact (error=None) or quantized denoiser, optionally corrected."""
-    sch = wrap_scheduler(SAMPLERS[kind](), hook)
+    sch = wrap_scheduler(scheduler_for(kind), hook)
     sch.set_timesteps(steps)
-    noise_gen = torch.Generator().manual_seed(seed)          # the sampler's own noise (Euler ancestral)
+    noise_gen = torch.Generator().manual_seed(seed)          # the sampler's own noise (Euler ancestral, DDIM eta)
     model = ExactDenoiser(data, sch, error, torch.Generator().manual_seed(seed + 1))
     x = x_T.double() * float(getattr(sch, "init_noise_sigma", 1.0))
     x = x.float()
+    kw = {**STEP_ARGS.get(kind, {}), **({"generator": noise_gen} if kind in NOISY else {})}
     for t in sch.timesteps:
         x_in = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
-        kw = {"generator": noise_gen} if kind == "euler_a" else {}
         x = sch.step(model(x_in, t), t, x, **kw).prev_sample
     return x
 
@@ -152,7 +167,20 @@ def within_mode_std(x: torch.Tensor, data: Mixture) -> float:
     return float(dev.pow(2).mean().sqrt())
 
 
-VARIANTS = ("fp", "quant", "qdrift_paper", "qdrift_exact", "ptqd", "d2dpm")
+VARIANTS = ("fp", "quant", "qdrift_paper", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp")
+
+
+def correctors(pool, num_runs: int) -> dict:
+    """Every corrector with its config's pooling (conf/corrector/*.yaml)."""
+    scalar, channel = pool.fit(num_runs, "scalar"), pool.fit(num_runs, "channel")
+    return {
+        "qdrift_paper": make_corrector("qdrift", scalar, mode="paper"),
+        "qdrift_exact": make_corrector("qdrift", scalar, mode="exact"),
+        "ptqd": make_corrector("ptqd", channel),
+        "d2dpm": make_corrector("d2dpm", scalar),
+        "d2dpm_stochastic": make_corrector("d2dpm", scalar, variant="stochastic"),
+        "cumcomp": make_corrector("cumcomp", channel),
+    }
 
 
 def run(kind: str, steps: int = 50, num_samples: int = 4096, num_runs: int = 5, seed: int = 0,
@@ -162,21 +190,17 @@ def run(kind: str, steps: int = 50, num_samples: int = 4096, num_runs: int = 5, 
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn(shape, generator=gen)
     truth = data.sample(shape, gen)
-    # Calibration: the real paired-moment code, runs disjoint from the evaluation noise.
-    cal_sched = SAMPLERS[kind]()
+    # Calibration: the real paired-moment code, runs disjoint from the evaluation noise (DDIM with eta
+    # calibrates on the deterministic DDIM trajectory: the statistics are per step, not per noise draw).
+    cal_sched = scheduler_for(kind)
     cal_sched.set_timesteps(steps)
     fp_model = ExactDenoiser(data, cal_sched)
     q_model = ExactDenoiser(data, cal_sched, error, torch.Generator().manual_seed(seed + 7))
     latents = torch.randn((num_runs, 1, 16, 16), generator=torch.Generator().manual_seed(seed + 11))
-    pool = calibrate_denoisers(fp_model, q_model, SAMPLERS[kind](), latents, steps, trim_std=4.0)
-    stats = pool.fit(num_runs, "scalar")
-    hooks = {
-        "fp": None, "quant": None,
-        "qdrift_paper": make_corrector("qdrift", stats, mode="paper"),
-        "qdrift_exact": make_corrector("qdrift", stats, mode="exact"),
-        "ptqd": make_corrector("ptqd", stats),
-        "d2dpm": make_corrector("d2dpm", stats),
-    }
+    with torch.random.fork_rng():   # Euler ancestral's calibration steps draw from the global generator
+        torch.manual_seed(seed + 13)
+        pool = calibrate_denoisers(fp_model, q_model, scheduler_for(kind), latents, steps, trim_std=4.0)
+    hooks = {"fp": None, "quant": None, **correctors(pool, num_runs)}
     out = {}
     fp = sample(kind, steps, x_T, data, None, None, seed + 3)
     for name, hook in hooks.items():

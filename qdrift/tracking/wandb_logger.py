@@ -107,8 +107,10 @@ class WandbLogger:
             log.warning("W&B logging failed, continuing: %s", _one_line(err))
 
     def log_steps(self, summary: dict) -> None:
-        """Per sampling step, on a `step` axis: the residual variance V_i (scalar pooling) and the spread
-        of the per-channel V_i over channels (std / mean), from the run's stats/summary.json."""
+        """Per sampling step, on a `step` axis: the residual variance V_i (scalar pooling), the spread
+        of the per-channel V_i over channels (std / mean) and each corrector variant's drift factor c_i
+        (`per_step/<variant>/drift_factor`, the mean over channels for channel pooling; correctors
+        without drift factors, PTQD and D^2-DPM, have none), from the run's stats/summary.json."""
         if self.run is None:
             return
         try:
@@ -118,10 +120,14 @@ class WandbLogger:
             self.run.define_metric("per_step/*", step_metric="step")
             scalar = np.asarray(summary["residual_var_scalar"], dtype=float).reshape(len(summary["timesteps"]), -1)
             channel = np.asarray(summary["residual_var_channel"], dtype=float).reshape(len(scalar), -1)
+            factors = {variant: np.asarray(c, dtype=float).reshape(len(scalar), -1).mean(axis=1)
+                       for variant, c in (summary.get("drift_factors") or {}).items()}
             for i, t in enumerate(summary["timesteps"]):
                 spread = channel[i].std() / channel[i].mean() if channel[i].mean() > 0 else 0.0
-                self.run.log({"step": i, "per_step/timestep": float(t), "per_step/V_i": float(scalar[i].mean()),
-                              "per_step/channel_spread": float(spread)})
+                row = {"step": i, "per_step/timestep": float(t), "per_step/V_i": float(scalar[i].mean()),
+                       "per_step/channel_spread": float(spread)}
+                row.update({f"per_step/{variant}/drift_factor": float(c[i]) for variant, c in factors.items()})
+                self.run.log(row)
         except Exception as err:  # noqa: BLE001
             log.warning("W&B logging failed, continuing: %s", _one_line(err))
 

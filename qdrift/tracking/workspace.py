@@ -3,9 +3,10 @@
     python -m qdrift.tracking.workspace --entity ME --project qdrift [--group sweep-...] [--save]
 
 Sections: the gap recovered and FID per corrector (bars, one group of bars per run), FID and gap
-recovered against K (scatter over runs, for a K sweep), the per-step history (V_i and the channel
-spread against the sampling step), and the image panels of every variant. Saving needs a W&B server
-(`wandb login`); without `--save` it only checks that the definition builds and prints it.
+recovered against K (scatter over runs, for a K sweep), the per-step history (V_i, the channel
+spread and each Q-Drift variant's drift factor c_i against the sampling step), and the image panels
+of every variant. Saving needs a W&B server (`wandb login`); without `--save` it only checks that
+the definition builds and prints it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 
 CORRECTORS = ("qdrift", "qdrift_exact", "ptqd", "d2dpm")
 VARIANTS = ("fp", "quant", *CORRECTORS)
+DRIFT_CORRECTORS = ("qdrift", "qdrift_exact")   # the ones with per-step drift factors (QDrift.drift_factors)
 
 
 def build_workspace(entity: str, project: str, name: str = "qdrift review", group: str | None = None):
@@ -36,6 +38,8 @@ def build_workspace(entity: str, project: str, name: str = "qdrift review", grou
         ws.Section(name="Per sampling step", panels=[
             wr.LinePlot(title="residual variance V_i", x="step", y=["per_step/V_i"], log_y=True),
             wr.LinePlot(title="channel spread of V_i (std / mean)", x="step", y=["per_step/channel_spread"]),
+            wr.LinePlot(title="drift factor c_i per corrector", x="step",
+                        y=[f"per_step/{c}/drift_factor" for c in DRIFT_CORRECTORS]),
         ]),
         ws.Section(name="Images", panels=[
             wr.MediaBrowser(title="same prompts, every variant", media_keys=[f"samples/{v}" for v in VARIANTS]),
