@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -120,3 +121,42 @@ def test_mixdq_w8a8_is_uniform_8_bit_without_sensitivity_runs(tiny_pixart):
     dequantize(den)
     assert calls == [2]                                               # only the range-calibration run
     assert {(r.w_bits, r.a_bits) for r in report.quantized} == {(8, 8)}
+
+
+def test_mixdq_sensitivity_search_resumes_after_a_kill(tiny_pixart, tmp_path, monkeypatch):
+    """A search killed half way resumes from its journal: only the missing runs are made again, and the
+    quantized model equals that of an uninterrupted search."""
+    den, calibrate = tiny_pixart
+    full_calls = []
+    report = quantize(den, _mixdq(), "pixart", lambda n: full_calls.append(n) or calibrate(n), progress=False)
+    expected = {r.name: (r.w_bits, r.a_bits, r.sensitivity) for r in report.quantized}
+    dequantize(den)
+    searches = len(full_calls) - 2                   # minus the range run and the FP reference run
+
+    journal, calls = tmp_path / "sensitivity.json", []
+
+    def dies_half_way(n):
+        calls.append(n)
+        if len(calls) == 2 + searches // 2:
+            raise KeyboardInterrupt
+        return calibrate(n)
+
+    monkeypatch.setattr("qdrift.quant.mixdq.JOURNAL_EVERY_S", 0.0)     # journal after every run
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            quantize(den, _mixdq(), "pixart", dies_half_way, progress=False, resume_file=journal)
+        dequantize(den)
+        kept = len(json.loads(journal.read_text())["sensitivity"])
+        assert kept == searches // 2 - 1
+        calls.clear()
+        report = quantize(den, _mixdq(), "pixart", lambda n: calls.append(n) or calibrate(n), progress=False,
+                          resume_file=journal)
+    finally:
+        dequantize(den)
+    assert len(calls) == 2 + searches - kept
+    assert {r.name: (r.w_bits, r.a_bits, r.sensitivity) for r in report.quantized} == expected
+    journal.write_text("{not json")                  # a damaged journal is ignored, not fatal
+    calls.clear()
+    quantize(den, _mixdq(), "pixart", lambda n: calls.append(n) or calibrate(n), progress=False, resume_file=journal)
+    dequantize(den)
+    assert len(calls) == len(full_calls)

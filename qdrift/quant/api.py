@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -65,11 +66,12 @@ def new_report(model: nn.Module, spec: QuantSpec, family: str, sites: list[Layer
 
 @torch.no_grad()
 def quantize(denoiser: nn.Module, spec: QuantSpec, family: str, calibrate: Calibrate,
-             progress: bool = True) -> QuantReport:
+             progress: bool = True, resume_file: Path | None = None) -> QuantReport:
     """Replace the denoiser's selected layers by fake-quant twins (in place) and report what was done.
 
     `calibrate(n)` must run the pipeline on the first n calibration prompts with the denoiser as it
-    is at that moment, and return the final images (N, 3, H, W) in [0, 1].
+    is at that moment, and return the final images (N, 3, H, W) in [0, 1]. `resume_file`: where
+    MixDQ's sensitivity search journals its finished runs, so a killed search resumes there.
     """
     if any(True for _ in fake_quant_layers(denoiser)):
         raise RuntimeError("the denoiser is already quantized; call dequantize() first")
@@ -78,7 +80,8 @@ def quantize(denoiser: nn.Module, spec: QuantSpec, family: str, calibrate: Calib
     sites = select_layers(denoiser, family, spec.skip)
     records = _records(denoiser, sites)
     if spec.method != "none":
-        PASSES[spec.method](denoiser, sites, spec, calibrate, records, progress)
+        resumable = {"resume_file": resume_file} if spec.method == "mixdq" else {}
+        PASSES[spec.method](denoiser, sites, spec, calibrate, records, progress, **resumable)
     report = new_report(denoiser, spec, family, sites, records)
     denoiser._qdrift_quant = QuantInfo(spec, family, report)
     log.info("%s", report.summary())

@@ -18,13 +18,17 @@
 """
 from __future__ import annotations
 
+import json
 import logging
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdrift.cache import atomic_write_json
 from qdrift.progress import progress as progress_bar
 
 from .bitalloc import allocate_bits
@@ -42,6 +46,7 @@ log = logging.getLogger(__name__)
 # 2: a constant divides as a product with its float32 reciprocal on every device (primitives.div_const);
 # the activation kernel rounds as the reference (sensitivity runs on CUDA use it).
 ALGORITHM_VERSION = 2
+JOURNAL_EVERY_S = 30.0   # how often a sensitivity search saves its finished runs
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> float:
@@ -81,8 +86,38 @@ def _largest_within(options: tuple[int, ...], budget: int) -> int:
     return max(b for b in options if b <= budget)
 
 
+class SensitivityLog:
+    """Finished sensitivity runs in a JSON file, so that a killed search resumes where it stopped.
+
+    The search is the long part of MixDQ (one pipeline call per layer and option: about 3,000 calls
+    on SDXL). The file belongs to one quantization (its cache entry names it) and is written at most
+    every `every_s` seconds; a run measured twice gives the same number, so resuming changes nothing.
+    """
+
+    def __init__(self, path: Path | None, every_s: float):
+        self.path, self.every_s, self.last = path, every_s, time.monotonic()
+        self.done: dict[str, float] = {}
+        if path is not None and path.is_file():
+            try:
+                self.done = {str(k): float(v) for k, v in json.loads(path.read_text())["sensitivity"].items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
+                log.warning("ignoring unreadable MixDQ sensitivity log %s (%s)", path, err)
+            else:
+                log.info("MixDQ: resuming the sensitivity search, %d runs already measured (%s)", len(self.done), path)
+
+    def add(self, key: str, value: float) -> None:
+        self.done[key] = value
+        if self.path is not None and time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"sensitivity": self.done})
+            self.last = time.monotonic()
+
+
 def run_mixdq(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, calibrate,
-              records: dict[str, LayerRecord], progress: bool) -> None:
+              records: dict[str, LayerRecord], progress: bool, resume_file: Path | None = None) -> None:
     mix = spec.mixdq
     w_opts, a_opts = tuple(sorted(mix.w_options)), tuple(sorted(mix.a_options))
     w_budget, a_budget = spec.weights.bits, spec.acts.bits
@@ -97,9 +132,10 @@ def run_mixdq(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, calibra
     w_measure = w_opts if w_budget < max(w_opts) else ()
     a_measure = a_opts if a_budget < max(a_opts) else (a_opts[-1:] if mix.keep_fp_acts else ())
     jobs = [(s, "w", b) for s in targets for b in w_measure] + [(s, "a", b) for s in act_sites for b in a_measure]
-    ref = calibrate(n_sens) if jobs else None
-    sens: dict[tuple[str, str, int], float] = {}
-    for s, kind, b in progress_bar(jobs, desc=f"{spec.name}: sensitivity", nested=True, disable=not progress):
+    journal = SensitivityLog(resume_file, JOURNAL_EVERY_S)
+    todo = [job for job in jobs if f"{job[0].name}/{job[1]}{job[2]}" not in journal.done]
+    ref = calibrate(n_sens) if todo else None
+    for s, kind, b in progress_bar(todo, desc=f"{spec.name}: sensitivity", nested=True, disable=not progress):
         orig = model.get_submodule(s.name)
         probe = minmax_layer(orig, s, spec, b if kind == "w" else 16, b if kind == "a" else 16,
                              observers.get(s.name), bos_fp=bos[s.name])
@@ -108,7 +144,11 @@ def run_mixdq(model: nn.Module, sites: list[LayerSite], spec: QuantSpec, calibra
             images = calibrate(n_sens)
         finally:
             replace_module(model, s.name, orig)
-        sens[s.name, kind, b] = image_error(s, images, ref)
+        journal.add(f"{s.name}/{kind}{b}", image_error(s, images, ref))
+    journal.flush()
+    sens: dict[tuple[str, str, int], float] = {}
+    for s, kind, b in jobs:
+        sens[s.name, kind, b] = journal.done[f"{s.name}/{kind}{b}"]
         records[s.name].sensitivity[f"{kind}{b}"] = sens[s.name, kind, b]
 
     # ---- allocation

@@ -45,9 +45,14 @@ def quantize_stage(ctx) -> dict | None:
     art = ctx.quant_art = quant_artifact(ctx)
     built = []
 
+    # Beside the cache entry, not in its staging dir: a killed build's staging dir is removed.
+    journal = art.path.with_name(f"{art.key}.sensitivity.json")
+
     def build(staging):
-        report = quantize(ctx.denoiser, spec, ctx.family.name, _ptq_calibration(ctx, spec), progress=True)
+        report = quantize(ctx.denoiser, spec, ctx.family.name, _ptq_calibration(ctx, spec), progress=True,
+                          resume_file=journal)
         save_quant_state(ctx.denoiser, staging / "state.safetensors")
+        journal.unlink(missing_ok=True)
         built.append(True)
         return {"report": report.to_dict() if hasattr(report, "to_dict") else {"summary": report.summary()}}
 
