@@ -10,6 +10,11 @@ The table is a sweep of ordinary runs; on a GPU, for example:
     python experiments/bench_table.py outputs/multirun > bench_table.md
     python experiments/bench_table.py --deltas outputs/multirun     # one row per setting (README)
 
+Replicates (`python run.py -m replicate=0,1,2 ...`, README "Replicates"): `--deltas` then gives one row per
+setting over its replicates: their number, the mean FID delta and the mean gap recovered
+(quant - corrected) / (quant - FP) per corrector, each with a 95% Student-t interval over replicates;
+`--per-replicate` adds each replicate's own row with its paired bootstrap CI.
+
 (`experiments/bench_table_sweep.sh` runs those sweeps spread over the visible GPUs.)
 Every run found under the given folders is listed, including settings where a corrector does not help.
 """
@@ -20,12 +25,18 @@ import json
 import sys
 from pathlib import Path
 
-from qdrift.report import load_runs, setting_value, varying_keys
+from qdrift.report import has_replicates, load_runs, replicate_rows, setting_value, varying_keys
 
 COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3 (± std)",
            "CLIP [95% CI]", "FID delta vs quant [95% CI]")
-CORRECTOR_ORDER = ("qdrift", "qdrift_exact", "ptqd", "d2dpm")
+CORRECTOR_ORDER = ("qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp")
 SETTING_KEYS = ("model.name", "sampler.name", "sampler.steps", "quant.name")   # the first two columns
+
+
+def sampler_label(sampler: dict) -> str:
+    """The sampler's name, with DDIM's eta when it adds noise (runs of another eta are another setting)."""
+    eta = float((sampler.get("options") or {}).get("eta") or 0)
+    return f"{sampler['name']} eta={eta:g}" if eta else sampler["name"]
 
 
 def _num(value: float | None, spec: str) -> str:
@@ -42,8 +53,8 @@ def _delta(m: dict) -> str:
 def rows(metrics_file: Path) -> list[list[str]]:
     result = json.loads(metrics_file.read_text())
     cfg = result["config"]
-    setting = [cfg["model"]["name"], cfg["sampler"]["name"], str(cfg["sampler"]["steps"]), cfg["quant"]["name"],
-               str(cfg["calib"]["num_runs"]), str(result.get("num_prompts", "?"))]
+    setting = [cfg["model"]["name"], sampler_label(cfg["sampler"]), str(cfg["sampler"]["steps"]),
+               cfg["quant"]["name"], str(cfg["calib"]["num_runs"]), str(result.get("num_prompts", "?"))]
     out = []
     order = sorted(result["variants"], key=lambda v: (v != "fp", v != "quant", v))   # fp, quant, then correctors
     for variant in order:
@@ -62,8 +73,8 @@ def delta_rows(metrics_file: Path, correctors: list[str]) -> list[str]:
     """One row per setting: FID of FP and quantized, then each corrector's FID delta [95% CI]."""
     result = json.loads(metrics_file.read_text())
     cfg, v = result["config"], result["variants"]
-    out = [f"{cfg['model']['name']} / {cfg['sampler']['name']}, {cfg['sampler']['steps']}", cfg["quant"]["name"],
-           f"{v['fp']['fid']:.4f} / {v['quant']['fid']:.4f}"]
+    out = [f"{cfg['model']['name']} / {sampler_label(cfg['sampler'])}, {cfg['sampler']['steps']}",
+           cfg["quant"]["name"], f"{v['fp']['fid']:.4f} / {v['quant']['fid']:.4f}"]
     return out + [_delta(v.get(c, {})) for c in correctors]
 
 
@@ -77,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("roots", nargs="+", type=Path, help="run directories or folders holding them (searched recursively)")
     p.add_argument("--deltas", action="store_true",
-                   help="one row per setting: FID fp / quant and each corrector's FID delta vs quant [95%% CI]")
+                   help="one row per setting: FID fp / quant and each corrector's FID delta vs quant [95%% CI]; "
+                        "replicates of a setting are aggregated (mean and 95%% t-interval over replicates)")
+    p.add_argument("--per-replicate", action="store_true",
+                   help="with --deltas and replicates: also each replicate's row with its own paired CI")
     args = p.parse_args(argv)
     files = sorted({f for root in args.roots for f in ([root / "metrics.json"] if (root / "metrics.json").is_file()
                                                        else root.rglob("metrics.json"))})
@@ -90,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
         # Keys that differ between the runs besides model, sampler and quantizer (K, a sweep's other keys)
         # get a column each, so two rows of a sweep never print alike.
         runs = {r.path / "metrics.json": r for r in load_runs([f.parent for f in files])}
+        if has_replicates(list(runs.values())):
+            try:
+                header, table = replicate_rows(list(runs.values()), args.per_replicate, correctors)
+            except ValueError as err:   # two runs that are one replicate of one setting
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            print(markdown(table, header))
+            return 0
         swept = [k for k in varying_keys(list(runs.values())) if k not in SETTING_KEYS
                  and len({setting_value(r, k) for r in runs.values()}) > 1]
 
@@ -101,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         table = sorted((row(f) for f in files), key=lambda r: r[:2 + len(swept)])
         print(markdown(table, ["model / sampler, steps", "quant", *swept, "FID fp / quant", *correctors]))
         return 0
+    if has_replicates(load_runs([f.parent for f in files])):
+        print("note: some settings have several replicates (rows of a setting differ in replicate only); "
+              "--deltas aggregates them", file=sys.stderr)
     all_rows = [r for f in files for r in rows(f)]
     all_rows.sort(key=lambda r: tuple(r[:4]))      # stable: variants keep their run order
     print(markdown(all_rows))

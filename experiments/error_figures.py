@@ -32,7 +32,7 @@ from qdrift.stages.quantize import quantize_stage
 from qdrift.stages.sampling import call_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_OFFSET = 9_000_000   # beyond Q-Drift's calibration seeds (calib.seed + k) and PTQ's (+ 5,000,000)
+SEED_OFFSET = 9_000_000   # beyond Q-Drift's calibration seeds (calib.seed + k) and PTQ's (6,000,000 + quant.seed * 10,000,000)
 
 
 class SampleAccumulator(PairedAccumulator):

@@ -27,7 +27,7 @@ from .drift.statistics import POOLINGS
 from .models.families import FAMILIES
 from .models.loaders import DTYPES, SOURCES
 from .models.random_arch import ARCH_SIZES
-from .samplers import SAMPLERS, check_sampler, make_scheduler
+from .samplers import SAMPLERS, STEP_OPTIONS, check_sampler, make_scheduler, sampler_eta, sampler_options
 
 log = logging.getLogger("qdrift")
 
@@ -43,6 +43,16 @@ OmegaConf.register_new_resolver("run_suffix", lambda: _RUN_ID["suffix"], replace
 OmegaConf.register_new_resolver("rank_file", lambda: "" if world().is_main else f"_rank{world().rank}", replace=True)
 OmegaConf.register_new_resolver("rank_label", lambda: "" if world().is_main else f" rank{world().rank}", replace=True)
 OmegaConf.register_new_resolver("rank_subdir", lambda d: d if world().is_main else None, replace=True)
+# `replicate` sets the four seeds of a replicate (conf/config.yaml): seed `offset` of replicate r's seed block.
+OmegaConf.register_new_resolver("replicate_seed", lambda r, offset=0: _replicate_seed(r, offset), replace=True)
+
+
+def _replicate_seed(replicate, offset) -> int:
+    from .stages.context import replicate_seed
+
+    if not isinstance(replicate, int) or isinstance(replicate, bool) or replicate < 0:
+        raise ValueError(f"replicate must be an integer >= 0, got {replicate!r}")
+    return replicate_seed(replicate, offset)
 
 
 def run_id() -> dict:
@@ -136,6 +146,7 @@ def validate(cfg, inputs: bool = True) -> None:
 
 def check_config(cfg) -> None:
     """Types, ranges and combinations, from the config alone."""
+    _int(cfg.get("replicate", 0), "replicate", 0)   # before the seeds that interpolate it
     _seed(cfg.seed, "seed")
     _text(cfg.device, "device")
     _positive_int(cfg.batch_size, "batch_size")
@@ -196,14 +207,10 @@ def _validate_sampler(cfg) -> None:
     _number(s.guidance, "sampler.guidance", 0)
     options = s.get("options") or {}
     _require(isinstance(options, Mapping), f"sampler.options must be a mapping, got {options!r}")
-    if name == "ddim" and options.get("eta", 0) != 0:
-        # DDIM's eta is an argument of each step, not scheduler config: from_config drops it silently.
-        raise ConfigError(
-            f"sampler.options.eta={options['eta']!r}: DDIM's eta is a step argument that qdrift does not pass to "
-            "the pipeline, so the run would sample deterministic DDIM anyway; stochastic DDIM is not supported "
-            "(Q-Drift's drift correction is off on stochastic samplers); remove sampler.options.eta")
-    accepted = set(inspect.signature(SAMPLERS[name].cls.__init__).parameters) - {"self"} | (
-        {"eta"} if name == "ddim" else set())   # eta=0 is what runs anyway
+    if "eta" in options:
+        _check_eta(cfg, name, options["eta"])
+    steps_args = set(STEP_OPTIONS.get(name, ()))   # step arguments the pipeline call passes (DDIM's eta)
+    accepted = set(inspect.signature(SAMPLERS[name].cls.__init__).parameters) - {"self"} | steps_args
     unknown = sorted(set(options) - accepted)
     _require(not unknown, f"sampler.options {unknown} are not settings of {SAMPLERS[name].cls.__name__} "
                           "(they would be ignored)")
@@ -213,14 +220,35 @@ def _validate_sampler(cfg) -> None:
         raise ConfigError(f"sampler={name} with sampler.options={dict(options)}: {one_line(err)}") from None
 
 
+# Corrector kinds that handle DDIM's own noise (eta > 0): PTQD and D-D^2 shrink it by the residual variance
+# (Corrector._ddim_noisy_step), S-D^2 and cumcomp correct the output and leave it alone (README, "Peer correctors").
+ETA_CORRECTORS = "ptqd, d2dpm, d2dpm_stochastic and cumcomp"
+
+
+def _check_eta(cfg, name: str, eta) -> None:
+    """sampler.options.eta: DDIM's share of its own noise, a step argument the pipeline call passes."""
+    _require(name == "ddim", f"sampler.options.eta={eta!r}: eta is DDIM's noise share (an argument of its "
+                             f"steps); sampler={name} has none. Use sampler=ddim or remove sampler.options.eta")
+    eta = _number(eta, "sampler.options.eta")
+    _require(0 <= eta <= 1, f"sampler.options.eta={eta:g} is out of range: DDIM's eta is in [0, 1] "
+                            "(0: deterministic DDIM, 1: DDPM-like noise)")
+    if eta > 0:
+        import diffusers
+
+        family = FAMILIES[cfg.model.family]
+        pipeline = getattr(diffusers, family.pipeline_class, None)
+        _require(pipeline is None or "eta" in inspect.signature(pipeline.__call__).parameters,
+                 f"sampler.options.eta={eta:g}: {family.pipeline_class} (model.family={family.name}) takes no eta, "
+                 "so DDIM would run deterministic; use eta=0 or a model whose pipeline passes eta (sd, sdxl, pixart)")
+
+
 def probe_scheduler(cfg):
     """The run's scheduler class and options on a default noise schedule, timesteps set for the run's step
     count (no model needed)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     name, prediction = cfg.sampler.name, cfg.model.prediction
-    options = cfg.sampler.get("options") or {}
-    options = OmegaConf.to_container(options, resolve=True) if OmegaConf.is_config(options) else dict(options)
+    options = sampler_options(cfg.sampler)[0]   # step arguments (DDIM's eta) are no scheduler config
     base = FlowMatchEulerDiscreteScheduler() if prediction == "flow" else SAMPLERS[name].cls()
     sch = make_scheduler(name, base, prediction, options)
     kwargs = {}
@@ -237,6 +265,7 @@ def probe_scheduler(cfg):
 def _validate_quant(q) -> None:
     from .quant import QuantSpec, is_implemented
 
+    _seed(q.get("seed", 0), "quant.seed")   # PTQ calibration's prompts and noise (stages/quantize.py)
     try:
         spec = QuantSpec.from_config(q)
     except (ValueError, TypeError, KeyError) as err:
@@ -298,6 +327,10 @@ def _validate_sampling_with_correctors(cfg) -> None:
     except NotImplementedError as err:
         raise ConfigError(f"the correctors cannot run with {where}: {one_line(err)}; use a sampler with a "
                           "Q-Drift rule for it (e.g. sampler=dpmpp or ddim) or corrector=none") from None
+    eta = sampler_eta(cfg.sampler)
+    if eta > 0:
+        _check_correctors_with_eta(cfg, eta)
+        return
     if not schedule.stochastic:
         return
     for name, c in cfg.corrector.items():
@@ -312,11 +345,28 @@ def _validate_sampling_with_correctors(cfg) -> None:
                     name, where)
 
 
+def _check_correctors_with_eta(cfg, eta: float) -> None:
+    """DDIM with eta > 0: Q-Drift's rules do not cover DDIM's own noise (its variants would equal the
+    quantized one, bias removal aside); the peer correctors handle it."""
+    inert = [name for name, c in cfg.corrector.items() if c.kind == "qdrift" and not c.get("bias_removal", False)]
+    if inert:
+        raise ConfigError(
+            f"{', '.join(f'corrector.{n}' for n in inert)}: Q-Drift has no drift rule for DDIM's own noise "
+            f"(sampler.options.eta={eta:g} > 0), so {'this variant' if len(inert) == 1 else 'these variants'} "
+            f"would equal the quantized one. The correctors that handle DDIM with eta > 0 are {ETA_CORRECTORS}: "
+            "pick those, e.g. corrector=[ptqd,d2dpm] (corrector=all includes Q-Drift), or use eta=0")
+    for name, c in cfg.corrector.items():
+        if c.kind == "qdrift":
+            log.warning("corrector.%s: DDIM with eta=%g adds its own noise, so only Q-Drift's bias removal acts "
+                        "(no drift correction)", name, eta)
+
+
 def _validate_eval(cfg) -> None:
     e = cfg.eval
     prompts = _choice(e.prompt_set, "eval.prompt_set", PROMPT_SETS)
     n = _int(e.num_prompts, "eval.num_prompts", 2)   # FID and KID need at least two images
     _require(n < EVAL_SEED_SPAN, f"eval.num_prompts must be < {EVAL_SEED_SPAN}")
+    _int(e.get("split", 0), "eval.split", 0)   # whether the set has that many prompts: inputs.check_inputs
     _choice(e.features, "eval.features", FEATURES)
     _choice(e.clip, "eval.clip", CLIPS)
     _choice(e.reference, "eval.reference", REFERENCES)
@@ -340,16 +390,17 @@ def _validate_seeds(cfg) -> None:
         ranges["calibration"] = (cfg.calib.seed, cfg.calib.seed + calib_runs(cfg))
     ptq = quant_calib_prompts(cfg.quant)
     if ptq:
-        from .stages.context import QUANT_SEED_OFFSET
+        from .stages.context import ptq_seed_start
 
-        lo = cfg.calib.seed + QUANT_SEED_OFFSET
+        lo = ptq_seed_start(cfg.quant.seed)
         ranges["PTQ calibration"] = (lo, lo + ptq)
     items = list(ranges.items())
     for i, (a, (a_lo, a_hi)) in enumerate(items):
-        _require(a_hi <= MAX_SEED, f"{a} seeds reach past 2**63: lower seed or calib.seed")
+        _require(a_hi <= MAX_SEED, f"{a} seeds reach past 2**63: lower seed, calib.seed, quant.seed or replicate")
         for b, (b_lo, b_hi) in items[i + 1:]:
             _require(a_hi <= b_lo or b_hi <= a_lo,
-                     f"{b} seeds [{b_lo}, {b_hi}) overlap {a} seeds [{a_lo}, {a_hi}): change calib.seed or seed")
+                     f"{b} seeds [{b_lo}, {b_hi}) overlap {a} seeds [{a_lo}, {a_hi}): change calib.seed, "
+                     "quant.seed or seed (or set only replicate, which keeps them apart)")
 
 
 def _validate_logger(lg) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from .config import ConfigError, calib_runs, one_line, quant_calib_prompts
 from .models.loaders import ModelUnavailable, check_available
-from .prompts import PromptSetUnavailable, prompt_set
+from .prompts import PromptSetUnavailable, eval_start, prompt_set
 
 
 def check_inputs(cfg) -> None:
@@ -52,15 +52,23 @@ def _check_prompts(cfg) -> None:
     ptq = quant_calib_prompts(cfg.quant)
     need = max(runs, ptq)
     what = f"the {source.name} prompt set"
+    start = eval_start(e)
     if source.max_eval is not None and n > source.max_eval:
         raise ConfigError(f"eval.num_prompts={n} is more than the {source.max_eval} evaluation prompts of {what}")
+    if source.max_eval is not None and start + n > source.max_eval:
+        more = " (or raise eval.eval_split)" if source.name == "mjhq" else ""
+        raise ConfigError(f"eval.split={e.get('split', 0)} evaluates prompts [{start}, {start + n}) (split * "
+                          f"eval.num_prompts onwards), but {what} has {source.max_eval} evaluation prompts: it holds "
+                          f"{source.max_eval // n} disjoint splits of {n}; lower eval.split or eval.num_prompts{more}")
     if source.max_calib is not None and need > source.max_calib:
         uses = ([f"Q-Drift: {runs} = calib.num_runs={cfg.calib.num_runs} in whole batches of "
                  f"calib.batch_size={cfg.calib.batch_size}"] if runs else []) + (
                 [f"PTQ: {ptq} = quant.calib_prompts"] if ptq else [])
         raise ConfigError(f"this run needs {need} calibration prompts ({'; '.join(uses)}) but {what} has "
                           f"{source.max_calib} outside its evaluation split")
-    overlap = set(source.eval_prompts(n)) & set(source.calib_prompts(need) if need else [])
+    calib = set(source.calib_prompts(runs) if runs else []) | set(
+        source.calib_prompts(ptq, seed=int(cfg.quant.seed)) if ptq else [])   # PTQ draws with quant.seed
+    overlap = set(source.eval_prompts(n)) & calib
     if overlap:
         raise ConfigError(f"{len(overlap)} calibration prompts of {what} are also evaluation prompts, e.g. "
                           f"{sorted(overlap)[0]!r}: lower eval.num_prompts, calib.num_runs or quant.calib_prompts")

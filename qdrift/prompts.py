@@ -7,11 +7,17 @@
 
 Every set says how many prompts each split has (`max_eval`, `max_calib`; None: more than any run
 needs), so a run asking for more is refused before it starts.
+
+Replicates (README, "Replicates"): `eval.split=s` evaluates prompts [s n, (s + 1) n) of the evaluation
+pool (n = eval.num_prompts; `start` = s n), so splits are disjoint and split 0 is the first n prompts.
+PTQ calibration draws its prompts with `quant.seed` (`calib_prompts(n, seed)`): seed 0 takes the first
+n calibration prompts (what the Q-Drift calibration runs also use), another seed a seeded draw.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -29,7 +35,8 @@ class BuiltinPrompts:
     name = "builtin"
     has_references = False
 
-    def __init__(self):
+    def __init__(self, start: int = 0):
+        self.start = start
         counts = ["a", "one", "two", "three"]
         sizes = ["small", "large"]
         colours = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
@@ -40,16 +47,17 @@ class BuiltinPrompts:
         self.max_eval, self.max_calib = len(self.all[0::2]), len(self.all[1::2])
 
     def eval_prompts(self, n: int) -> list[str]:
-        return self._take(self.all[0::2], n)
+        return self._take(self.all[0::2], n, self.start)
 
-    def calib_prompts(self, n: int) -> list[str]:
-        return self._take(self.all[1::2], n)
+    def calib_prompts(self, n: int, seed: int = 0) -> list[str]:
+        return self._take(self.all[1::2], n) if seed == 0 else _seeded_draw(self.all[1::2], n, f"builtin/{seed}")
 
-    def _take(self, pool, n):
-        if n > len(pool):
-            raise ValueError(f"the builtin prompt set has {len(pool)} prompts per split, asked for {n}")
-        # A fixed stride spreads the first n prompts over the grammar instead of varying one word.
-        return [pool[(i * 7919) % len(pool)] for i in range(n)]
+    def _take(self, pool, n, start=0):
+        if start + n > len(pool):
+            raise ValueError(f"the builtin prompt set has {len(pool)} prompts per split, asked for {start + n}")
+        # A fixed stride (prime, so a permutation of the pool) spreads the first n prompts over the
+        # grammar instead of varying one word.
+        return [pool[(i * 7919) % len(pool)] for i in range(start, start + n)]
 
     def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
         raise PromptSetUnavailable("the builtin prompt set has no reference images (use eval.reference=none)")
@@ -60,15 +68,18 @@ class BenchPrompts:
     has_references = True
     max_eval = max_calib = None   # hundreds of millions of captions per split
 
+    def __init__(self, start: int = 0):
+        self.start = start
+
     def eval_prompts(self, n: int) -> list[str]:
         from qdrift.bench import captions
 
-        return captions("eval", n)
+        return captions("eval", self.start + n)[self.start:]   # distinct captions: splits are disjoint
 
-    def calib_prompts(self, n: int) -> list[str]:
+    def calib_prompts(self, n: int, seed: int = 0) -> list[str]:
         from qdrift.bench import captions
 
-        return captions("calib", n)
+        return captions("calib", n, seed)
 
     def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
         from qdrift.bench import reference_images
@@ -102,7 +113,8 @@ class MJHQPrompts:
                 "unzip mjhq30k_imgs.zip so that DIR holds meta_data.json and the <category>/<id>.jpg folders) and "
                 "run with eval.mjhq_dir=DIR")
 
-    def __init__(self, root: str | None, eval_split: int = 5000):
+    def __init__(self, root: str | None, eval_split: int = 5000, start: int = 0):
+        self.start = start
         if not root:
             raise PromptSetUnavailable(f"eval.mjhq_dir is not set. {self.DOWNLOAD}")
         self.root = Path(root)
@@ -126,18 +138,20 @@ class MJHQPrompts:
         self.max_eval, self.max_calib = self.eval_split, len(self.ids) - self.eval_split
 
     def eval_prompts(self, n: int) -> list[str]:
-        if n > self.eval_split:
-            raise ValueError(f"asked for {n} evaluation prompts, the split has {self.eval_split}")
-        return [self.meta[i]["prompt"] for i in self.ids[:n]]
+        if self.start + n > self.eval_split:
+            raise ValueError(f"asked for evaluation prompts [{self.start}, {self.start + n}), the split has "
+                             f"{self.eval_split}")
+        return [self.meta[i]["prompt"] for i in self.ids[self.start:self.start + n]]
 
-    def calib_prompts(self, n: int) -> list[str]:
+    def calib_prompts(self, n: int, seed: int = 0) -> list[str]:
         rest = self.ids[self.eval_split:]
         if n > len(rest):
             raise ValueError(f"asked for {n} calibration prompts, MJHQ has {len(rest)} outside the evaluation split")
-        return [self.meta[i]["prompt"] for i in rest[:n]]
+        return [self.meta[i]["prompt"] for i in (rest[:n] if seed == 0 else _seeded_draw(rest, n, f"mjhq/{seed}"))]
 
     def reference_path(self, i: int) -> Path:
-        key = self.ids[i]
+        """The reference of evaluation prompt i of this run (its split's i-th)."""
+        key = self.ids[self.start + i]
         return self.root / self.meta[key]["category"] / f"{key}.jpg"
 
     def write_references(self, indices, prompts, out_dir: Path, resolution: int) -> None:
@@ -151,14 +165,27 @@ class MJHQPrompts:
             atomic_save_image(img, out_dir / f"{i}.png")
 
 
+def _seeded_draw(pool: list, n: int, seed: str) -> list:
+    """n distinct items of `pool`, drawn by a seeded RNG (the same arguments, the same list)."""
+    if n > len(pool):
+        raise ValueError(f"asked for {n} calibration prompts, the split has {len(pool)}")
+    return random.Random(f"qdrift-calib-prompts/{seed}").sample(pool, n)
+
+
+def eval_start(eval_cfg) -> int:
+    """The first evaluation prompt of the run's split: eval.split * eval.num_prompts."""
+    return int(eval_cfg.get("split", 0)) * int(eval_cfg.num_prompts)
+
+
 def prompt_set(eval_cfg):
-    name = eval_cfg.prompt_set
+    """The run's prompt set; its `eval_prompts(n)` are the n prompts of split `eval.split`."""
+    name, start = eval_cfg.prompt_set, eval_start(eval_cfg)
     if name == "builtin":
-        return BuiltinPrompts()
+        return BuiltinPrompts(start)
     if name == "bench":
-        return BenchPrompts()
+        return BenchPrompts(start)
     if name == "mjhq":
-        return MJHQPrompts(eval_cfg.get("mjhq_dir"), int(eval_cfg.get("eval_split", 5000)))
+        return MJHQPrompts(eval_cfg.get("mjhq_dir"), int(eval_cfg.get("eval_split", 5000)), start)
     raise ValueError(f"unknown prompt set {name!r}; choose builtin, bench or mjhq")
 
 

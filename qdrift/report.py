@@ -6,9 +6,12 @@
 Every run directory below the given paths (those with metrics.json) is one row. The table keeps
 every config key whose value differs between the runs (a sweep's swept keys), and per variant FID,
 KID, CLIP, the FID delta vs the quantized model [95% CI] and the gap recovered,
-(FID quant - FID corrected) / (FID quant - FID FP). Figures are PNGs embedded in the page, so it
-opens anywhere without network; image grids show the same prompts for every variant. Runs that kept
-raw calibration samples (stats/samples.safetensors) also get the paper's Fig. 4 and Fig. 5.
+(FID quant - FID corrected) / (FID quant - FID FP). Runs of one setting that differ only in the
+replicate keys (`replicate`, `quant.seed`, `eval.split`, `seed`, `calib.seed`) also make a table over
+replicates: per corrector the mean FID delta and mean gap recovered with 95% Student-t intervals.
+Figures are PNGs embedded in the page, so it opens anywhere without network; image grids show the
+same prompts for every variant. Runs that kept raw calibration samples (stats/samples.safetensors)
+also get the paper's Fig. 4 and Fig. 5.
 """
 from __future__ import annotations
 
@@ -129,6 +132,115 @@ def gap_recovered(m: dict, variant: str) -> tuple[float, float, float] | None:
     return ((q - c) / gap, low, high)
 
 
+# What `replicate=r` sets (README, "Replicates"): runs that differ only in these are replicates of one setting.
+REPLICATE_KEYS = ("replicate", "quant.seed", "eval.split", "seed", "calib.seed")
+
+
+def replicate_id(run: Run) -> tuple:
+    """The run's replicate: its values of the replicate keys (runs from before replicates: split 0)."""
+    defaults = {"replicate": 0, "eval.split": 0}
+    return tuple(run.flat.get(k, defaults.get(k)) for k in REPLICATE_KEYS)
+
+
+def replicate_groups(runs: list[Run], strict: bool = True) -> tuple[list[str], list[tuple[list[str], list[Run]]]]:
+    """(setting keys, [(setting values, its runs)]): runs grouped by every setting key but the replicate
+    keys, in first-seen order. `strict`: two runs of one setting that are the same replicate are refused
+    (a rerun would count twice)."""
+    keys = [k for k in varying_keys(runs) if k not in REPLICATE_KEYS]
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(tuple(setting_value(r, k) for k in keys), []).append(r)
+    for members in groups.values() if strict else ():
+        seen: dict[tuple, Run] = {}
+        for r in members:
+            other = seen.setdefault(replicate_id(r), r)
+            if other is not r:
+                raise ValueError(f"{other.path} and {r.path} are the same replicate of one setting "
+                                 f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}); keep one of them")
+    return keys, [(list(values), members) for values, members in groups.items()]
+
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over replicates and its Student-t interval (NaN bounds for one value)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def fid_delta(m: dict) -> float | None:
+    """A corrector's FID delta vs the quantized model (negative: closer to the references)."""
+    return next((m[k] for k in m if k.startswith("fid_delta_vs_")), None)
+
+
+def replicate_summary(members: list[Run], correctors: list[str]) -> dict:
+    """Per corrector over the replicates that have it: n, the FID delta's and the gap recovered's
+    (mean, low, high); plus the mean FID of FP and quantized."""
+    out = {"n": len(members)}
+    for base in BASELINES:
+        fids = [r.variants[base]["fid"] for r in members if r.variants.get(base, {}).get("fid") is not None]
+        out[base] = sum(fids) / len(fids) if fids else None
+    for c in correctors:
+        deltas = [d for r in members if (d := fid_delta(r.variants.get(c, {}))) is not None]
+        gaps = [g[0] for r in members if c in r.variants and (g := gap_recovered(r.variants, c)) is not None]
+        out[c] = {"n": len(deltas), "delta": t_interval(deltas) if deltas else None,
+                  "gap": t_interval(gaps) if gaps else None}
+    return out
+
+
+def _ci(x: tuple | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    mean, low, high = (scale * v for v in x)
+    if math.isnan(low):
+        return f"{mean:{spec}}{unit}"
+    return f"{mean:{spec}}{unit} [{low:{spec}}, {high:{spec}}]"
+
+
+def replicate_rows(runs: list[Run], per_replicate: bool = False,
+                   correctors: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """One row per setting over its replicates: n, mean FID of FP and quantized, per corrector the mean
+    FID delta and the mean gap recovered with their 95% t-intervals over replicates. `per_replicate`:
+    each replicate's own row below, with its paired bootstrap CIs."""
+    keys, groups = replicate_groups(runs)
+    if correctors is None:
+        correctors = list(dict.fromkeys(v for r in runs for v in r.correctors))
+    header = [*keys, "replicates", "fp FID", "quant FID"]   # replicates: n, or one replicate's keys
+    for c in correctors:
+        header += [f"{c} FID delta [95% t-CI]", f"{c} gap recovered [95% t-CI]"]
+    rows = []
+    for values, members in groups:
+        s = replicate_summary(members, correctors)
+        row = [*values, str(s["n"]), _f(s["fp"], ".4f"), _f(s["quant"], ".4f")]
+        for c in correctors:
+            row += [_ci(s[c]["delta"], "+.4f"), _ci(s[c]["gap"], "+.0f", 100, " %")]
+        rows.append(row)
+        if per_replicate:
+            for r in sorted(members, key=lambda r: [(v is None, v or 0) for v in replicate_id(r)]):
+                label = " ".join(f"{k}={v}" for k, v in zip(REPLICATE_KEYS, replicate_id(r)))
+                fp, quant = (r.variants.get(b, {}).get("fid") for b in BASELINES)
+                row = [*values, label, _f(fp, ".4f"), _f(quant, ".4f")]
+                for c in correctors:
+                    m = r.variants.get(c, {})
+                    d = fid_delta(m)
+                    row.append("-" if d is None else
+                               f"{d:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}] (paired)")
+                    g = gap_recovered(r.variants, c) if c in r.variants else None
+                    row.append(_ci(g, "+.0f", 100, " %") + (" (paired)" if g is not None else ""))
+                rows.append(row)
+    return header, rows
+
+
+def has_replicates(runs: list[Run]) -> bool:
+    """Whether some setting among the runs has more than one replicate (reruns of one replicate do not count)."""
+    return any(len({replicate_id(r) for r in members}) > 1 for _, members in replicate_groups(runs, strict=False)[1])
+
+
 def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     keys = varying_keys(runs)
     variants = list(dict.fromkeys([*BASELINES, *(v for r in runs for v in r.variants)]))
@@ -170,8 +282,9 @@ def run_label(r: Run, keys: list[str]) -> str:
     return " ".join(f"{short.get(k, k)}={setting_value(r, k)}" for k in keys)
 
 
-def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[str, Path]:
-    """Render the page and the table files; returns their paths."""
+def write_report(paths: list[Path], out: Path, grid_prompts: int = 6, per_replicate: bool = False) -> dict[str, Path]:
+    """Render the page and the table files; returns their paths. Settings run as several replicates also
+    get the table over replicates (`<out>.replicates.md`; `per_replicate`: with each replicate's row)."""
     from qdrift import figures
 
     runs = load_runs(paths)
@@ -185,6 +298,11 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[st
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     md_path.write_text(markdown(header, rows))
+    replicates = None
+    if has_replicates(runs):
+        replicates = replicate_rows(runs, per_replicate)
+        rep_path = out.with_suffix(".replicates.md")
+        rep_path.write_text(markdown(*replicates))
 
     figs = {"Gap recovered per setting (95% CI)": figures.gap_recovered_figure(
         labels, [{v: gap_recovered(r.variants, v) for v in r.correctors} for r in runs])}
@@ -210,6 +328,8 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[st
 
     parts = [f"<h1>qdrift report</h1><p>{len(runs)} run(s) from {html.escape(', '.join(map(str, paths)))}</p>",
              "<h2>Table</h2>", _html_table(header, rows)]
+    if replicates is not None:
+        parts += ["<h2>Over replicates (mean, 95% t-interval over replicates)</h2>", _html_table(*replicates)]
     for title, png in figs.items():
         parts.append(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' src='{_data_uri(png)}'>")
     parts += error_sample_section(runs, labels, keys)
@@ -221,7 +341,7 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6) -> dict[st
         if grid is not None:
             parts.append(f"<img alt='image grid' src='{_data_uri(grid)}'>")
     out.write_text(PAGE.format(body="\n".join(parts)))
-    return {"html": out, "csv": csv_path, "md": md_path}
+    return {"html": out, "csv": csv_path, "md": md_path} | ({"replicates": rep_path} if replicates else {})
 
 
 def error_sample_section(runs: list[Run], labels: list[str], keys: list[str]) -> list[str]:
@@ -299,9 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dirs", nargs="+", type=Path, help="run directories, sweep directories or any folder above them")
     ap.add_argument("--out", type=Path, default=Path("report.html"))
     ap.add_argument("--grid-prompts", type=int, default=6, help="prompts per image grid")
+    ap.add_argument("--per-replicate", action="store_true",
+                    help="the table over replicates also lists each replicate with its own paired CI")
     args = ap.parse_args(argv)
     try:
-        written = write_report(args.dirs, args.out, args.grid_prompts)
+        written = write_report(args.dirs, args.out, args.grid_prompts, args.per_replicate)
     except (FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ the pipeline's own scheduler config, so switching sampler keeps the model's trai
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from diffusers import (
@@ -15,6 +16,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
+from omegaconf import OmegaConf
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,31 @@ SAMPLERS = {
     "dpmpp": SamplerDef(DPMSolverMultistepScheduler, ("epsilon", "v_prediction", "flow"), "DPM-Solver++ 2M"),
     "ddim": SamplerDef(DDIMScheduler, ("epsilon", "v_prediction"), "DDIM"),
 }
+
+
+# Sampler options that are arguments of each scheduler step, not scheduler config: the pipeline call passes
+# them (`scheduler.from_config` would drop them silently). DDIM's eta: the share of its own noise, in [0, 1].
+STEP_OPTIONS = {"ddim": ("eta",)}
+
+
+def split_options(name: str, options: Mapping | None) -> tuple[dict, dict]:
+    """`sampler.options` -> (scheduler config options, step arguments for the pipeline call)."""
+    options = dict(options or {})
+    step = {k: options.pop(k) for k in STEP_OPTIONS.get(name, ()) if k in options}
+    return options, step
+
+
+def sampler_options(sampler_cfg) -> tuple[dict, dict]:
+    """(scheduler config options, step arguments) of a config's `sampler` node."""
+    options = sampler_cfg.get("options") or {}
+    if OmegaConf.is_config(options):
+        options = OmegaConf.to_container(options, resolve=True)
+    return split_options(sampler_cfg.name, options)
+
+
+def sampler_eta(sampler_cfg) -> float:
+    """DDIM's eta of a config's `sampler` node (0: deterministic; other samplers have none)."""
+    return float(sampler_options(sampler_cfg)[1].get("eta") or 0.0)
 
 
 def check_sampler(name: str, prediction: str) -> None:
@@ -54,6 +81,10 @@ def make_scheduler(name: str, base, prediction: str, options: dict | None = None
     check_sampler(name, prediction)
     cfg = dict(base.config)
     options = dict(options or {})
+    step = sorted(set(options) & set(STEP_OPTIONS.get(name, ())))
+    if step:
+        raise ValueError(f"{step} are arguments of {name}'s steps, not scheduler config (from_config would drop "
+                         "them): pass them to the pipeline call (split_options)")
     cls = SAMPLERS[name].cls
     if prediction == "flow":
         if name == "flow_euler":

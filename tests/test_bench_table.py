@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("bench_table", ROOT / "experiments" / "bench_table.py")
 bench_table = importlib.util.module_from_spec(spec)
@@ -60,3 +62,78 @@ def test_deltas_view_keeps_k_when_runs_differ_in_it(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0] == "| model / sampler, steps | quant | calib.num_runs | FID fp / quant | qdrift |"
     assert [line.split(" | ")[2] for line in lines[2:]] == ["1", "5"]
+
+
+# --- replicates -----------------------------------------------------------------------------------
+
+def _replicate(path: Path, r: int, delta: float, model: str = "bench_dit", rerun: bool = False) -> None:
+    """Run r of `python run.py -m replicate=0,1`: FP 0.1, quantized 0.2, corrected 0.2 + delta."""
+    path.mkdir(parents=True)
+    config = {"model": {"name": model}, "sampler": {"name": "dpmpp", "steps": 20}, "replicate": r,
+              "seed": r * 10_000_000, "quant": {"name": "svdquant_w3a4", "seed": r},
+              "calib": {"num_runs": 5, "seed": 1_000_000 + r * 10_000_000}, "eval": {"split": r}}
+    variants = {"fp": {"fid": 0.1}, "quant": {"fid": 0.2},
+                "qdrift": {"fid": 0.2 + delta, "fid_delta_vs_quant": delta, "fid_delta_ci_low": delta - 0.01,
+                           "fid_delta_ci_high": delta + 0.01}}
+    (path / "metrics.json").write_text(json.dumps({"variants": variants, "config": config, "num_prompts": 300}))
+    (path / ".hydra").mkdir()
+    (path / ".hydra" / "overrides.yaml").write_text(f"- replicate={r}\n- model={model}\n")
+
+
+def test_deltas_view_aggregates_replicates_with_a_t_interval(tmp_path, capsys):
+    from scipy import stats
+
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _replicate(tmp_path / "sweep" / "1_b", 1, -0.04)
+    _replicate(tmp_path / "other" / "0_a", 0, +0.01, model="bench_unet")   # one replicate: no interval
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == ("| model.name | sampler.name | sampler.steps | quant.name | calib.num_runs | replicates | fp FID "
+                        "| quant FID | qdrift FID delta [95% t-CI] | qdrift gap recovered [95% t-CI] |")
+    assert len(lines) == 2 + 2
+    dit = next(line for line in lines if "bench_dit" in line)
+    half = stats.t.ppf(0.975, 1) * 0.02 / 2 ** 0.5 / 2 ** 0.5   # sd of (-0.02, -0.04) / sqrt(2)
+    assert half == pytest.approx(0.12706, abs=1e-4)
+    assert f"| 2 | 0.1000 | 0.2000 | -0.0300 [{-0.03 - half:+.4f}, {-0.03 + half:+.4f}] |" in dit
+    assert "| +30 % [-97, +157] |" in dit        # gaps 20 % and 40 %
+    unet = next(line for line in lines if "bench_unet" in line)
+    assert unet.endswith("| 1 | 0.1000 | 0.2000 | +0.0100 | -10 % |")
+
+
+def test_per_replicate_rows_show_each_paired_ci(tmp_path, capsys):
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _replicate(tmp_path / "sweep" / "1_b", 1, -0.04)
+    assert bench_table.main(["--deltas", "--per-replicate", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + 3
+    assert "replicate=0 quant.seed=0 eval.split=0 seed=0 calib.seed=1000000 |" in lines[3]
+    assert "| -0.0200 [-0.0300, -0.0100] (paired) | +20 % [+10, +30] (paired) |" in lines[3]
+    assert "replicate=1 quant.seed=1 eval.split=1 seed=10000000 calib.seed=11000000 |" in lines[4]
+
+
+def test_one_replicate_twice_is_refused(tmp_path, capsys):
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _replicate(tmp_path / "sweep" / "1_b", 1, -0.04)
+    _replicate(tmp_path / "again" / "0_a", 1, -0.03)
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 2
+    assert "are the same replicate of one setting" in capsys.readouterr().err
+
+
+def test_runs_without_replicates_keep_the_plain_view(tmp_path):
+    from qdrift.report import has_replicates, load_runs
+
+    _run(tmp_path / "sweep" / "0_a", "bench_unet", +0.02)
+    _run(tmp_path / "sweep" / "1_b", "bench_dit", -0.017)
+    assert not has_replicates(load_runs([tmp_path]))
+
+
+def test_report_has_the_table_over_replicates(tmp_path):
+    from qdrift.report import main as report_main
+
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _replicate(tmp_path / "sweep" / "1_b", 1, -0.04)
+    assert report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "r.html"), "--per-replicate"]) == 0
+    table = (tmp_path / "r.replicates.md").read_text()
+    assert "| 2 | 0.1000 | 0.2000 | -0.0300 [-0.1571, +0.0971] | +30 % [-97, +157] |" in table
+    assert table.count("(paired)") == 4
+    assert "Over replicates" in (tmp_path / "r.html").read_text()

@@ -88,11 +88,12 @@ def test_v_prediction_with_euler_and_a_corrector_is_refused():
     validate(compose_cfg([*base, "sampler=dpmpp", "corrector=all"]))
 
 
-def test_ddim_eta_is_refused():
-    """eta is DDIM's step argument: the scheduler config drops it, so the run would not be stochastic."""
-    msg = refused([*TINY, "sampler=ddim", "+sampler.options.eta=0.5", "corrector=none"])
-    assert "sampler.options.eta=0.5" in msg and "deterministic DDIM" in msg
-    validate(compose_cfg([*TINY, "sampler=ddim", "+sampler.options.eta=0.0"]))   # what runs anyway
+def test_ddim_eta_outside_0_1_is_refused():
+    """eta is DDIM's step argument (the pipeline call passes it); more in tests/test_ddim_eta.py."""
+    msg = refused([*TINY, "sampler=ddim", "+sampler.options.eta=1.5", "corrector=none"])
+    assert "sampler.options.eta=1.5 is out of range" in msg
+    validate(compose_cfg([*TINY, "sampler=ddim", "+sampler.options.eta=0.0"]))   # deterministic DDIM
+    validate(compose_cfg([*TINY, "sampler=ddim", "+sampler.options.eta=0.5", "corrector=[ptqd,d2dpm]"]))
 
 
 def test_unknown_or_bad_sampler_options_are_refused():
@@ -116,7 +117,7 @@ def test_qdrift_without_effect_on_stochastic_samplers_is_refused(stochastic, cap
 
 
 def test_ptq_seeds_must_not_overlap_evaluation_seeds():
-    # PTQ calibration prompt j uses calib.seed + 5,000,000 + j.
+    # PTQ calibration prompt j uses 6,000,000 + quant.seed * 10,000,000 + j.
     msg = refused([*TINY, "quant=rtn_w8a8", "seed=6000000"])
     assert "PTQ calibration seeds [6000000," in msg and "overlap evaluation seeds" in msg
     validate(compose_cfg([*TINY, "quant=none", "seed=6000000"]))
@@ -131,7 +132,7 @@ def test_calibration_seeds_count_whole_batches():
 def test_prompt_overlap_is_refused(monkeypatch):
     from qdrift.prompts import BuiltinPrompts
 
-    monkeypatch.setattr(BuiltinPrompts, "calib_prompts", BuiltinPrompts.eval_prompts)
+    monkeypatch.setattr(BuiltinPrompts, "calib_prompts", lambda self, n, seed=0: self.eval_prompts(n))
     assert "calibration prompts of the builtin prompt set are also evaluation prompts" in refused(TINY)
 
 

@@ -53,7 +53,9 @@ def changed(a: dict, b: dict) -> set[str]:
     ("quant.a_bits=4", BELOW_QUANT),
     ("++quant.calib_prompts=3", BELOW_QUANT),
     ("quant.seed=1", BELOW_QUANT),
-    ("calib.seed=2000000", BELOW_QUANT),          # PTQ calibration seeds derive from calib.seed today
+    ("calib.seed=2000000", {"calib", "qdrift"}),  # Q-Drift calibration only: PTQ's seeds come from quant.seed
+    ("eval.split=1", {"fp", "quant_images", "qdrift"}),
+    ("replicate=1", ALL),                        # every seed and the prompts
     ("calib.trim_std=3.0", {"calib", "qdrift"}),
     ("calib.batch_size=2", {"calib", "qdrift"}),
     ("calib.num_runs=1", {"qdrift"}),             # same block of runs, fewer of them fitted

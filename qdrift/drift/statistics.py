@@ -21,7 +21,8 @@ POOL_FORMAT = "qdrift-calibration-pool/1"
 
 POOLINGS = ("scalar", "channel")
 # Manifest keys that must agree between statistics and the run that uses them.
-COMPAT_KEYS = ("model", "quant", "sampler", "steps", "guidance", "resolution", "channels", "layout", "prediction")
+COMPAT_KEYS = ("model", "quant", "sampler", "steps", "guidance", "eta", "resolution", "channels", "layout",
+               "prediction")
 
 
 class StatisticsMismatch(ValueError):

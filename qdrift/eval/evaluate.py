@@ -149,7 +149,9 @@ def format_header(config: Mapping, num_prompts: int) -> str:
     """The line above the table: what was measured (model, sampler, quantizer, K, prompts)."""
     s = config["sampler"]
     k = config["calib"]["num_runs"] if config.get("corrector") else "-"   # K only matters with a corrector
-    return (f"qdrift  model={config['model']['name']}  sampler={s['name']} ({s['steps']} steps, "
+    eta = float((s.get("options") or {}).get("eta") or 0) if s["name"] == "ddim" else 0.0
+    noise = f", eta {eta:g}" if eta else ""   # DDIM with its own noise
+    return (f"qdrift  model={config['model']['name']}  sampler={s['name']} ({s['steps']} steps{noise}, "
             f"CFG {float(s['guidance']):g})  quant={config['quant']['name']}  K={k}  "
             f"prompts={num_prompts} ({config['eval']['prompt_set']})")
 

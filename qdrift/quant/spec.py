@@ -93,7 +93,7 @@ class QuantSpec:
     weights: QuantizerSpec | None = None     # for MixDQ: bits = the average-bit budget
     acts: QuantizerSpec | None = None
     calib_prompts: int = 0                   # calibration prompts run along the model's own trajectory
-    seed: int = 0                            # token subsampling, randomized SVD
+    seed: int = 0                            # token subsampling, randomized SVD; PTQ calibration prompts and noise
     skip: tuple[str, ...] = ()               # extra semantic keys kept in 16 bit (see quant.select.KEYS)
     svdquant: SVDQuantSpec | None = None
     mixdq: MixDQSpec | None = None

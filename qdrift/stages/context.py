@@ -13,11 +13,26 @@ from omegaconf import DictConfig
 from qdrift.cache import plain, versions
 from qdrift.models.families import Family, get_family
 from qdrift.models.loaders import resolve_dtype
+from qdrift.samplers import sampler_eta
 
 log = logging.getLogger("qdrift")
 
-# Seed ranges (evaluation image i: seed + i; Q-Drift calibration run k: calib.seed + k).
-QUANT_SEED_OFFSET = 5_000_000   # PTQ calibration image j: calib.seed + QUANT_SEED_OFFSET + j
+# Seed ranges (evaluation image i: seed + i; Q-Drift calibration run k: calib.seed + k; PTQ calibration
+# image j: ptq_seed_start(quant.seed) + j). Replicate r (conf/config.yaml) owns the block of seeds
+# [r * SEED_BLOCK, (r + 1) * SEED_BLOCK): evaluation from its start, Q-Drift calibration from + 1,000,000,
+# PTQ calibration from + PTQ_SEED_OFFSET (replicate 0: 0, 1,000,000 and 6,000,000, the seeds of before).
+SEED_BLOCK = 10_000_000
+PTQ_SEED_OFFSET = 6_000_000
+
+
+def ptq_seed_start(quant_seed: int) -> int:
+    """The noise seed of PTQ calibration image 0 (image j: + j); quant.seed alone decides it."""
+    return PTQ_SEED_OFFSET + int(quant_seed) * SEED_BLOCK
+
+
+def replicate_seed(replicate, offset=0) -> int:
+    """`${replicate_seed:${replicate},offset}` in the yaml defaults: seed `offset` of replicate r's block."""
+    return int(offset) + int(replicate) * SEED_BLOCK
 
 
 def device_kind(device: torch.device) -> str:
@@ -86,13 +101,21 @@ class RunContext:
                 "weights": self.weights, "software": software_versions()}
 
     def sampling_key(self) -> dict:
-        return self.model_key() | {"sampler": plain(self.cfg.sampler)}
+        """The model's key and the whole sampler config: steps, guidance, scheduler options and step arguments
+        (DDIM's eta: images and statistics of another eta never mix; eta = 0, what runs without it, keys as absent)."""
+        sampler = plain(self.cfg.sampler)
+        options = sampler.get("options") or {}
+        if "eta" in options:
+            eta = float(options["eta"])
+            sampler["options"] = {k: v for k, v in options.items() if k != "eta"} | ({"eta": eta} if eta else {})
+        return self.model_key() | {"sampler": sampler}
 
     def settings(self) -> dict:
         """What Q-Drift statistics must agree on with the run that uses them."""
         return {
             "model": self.cfg.model.name, "quant": self.cfg.quant.name, "sampler": self.cfg.sampler.name,
             "steps": self.cfg.sampler.steps, "guidance": float(self.cfg.sampler.guidance),
+            "eta": sampler_eta(self.cfg.sampler),
             "resolution": self.cfg.model.resolution, "prediction": self.cfg.model.prediction,
             "layout": self.family.latent_layout,
         }

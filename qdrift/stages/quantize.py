@@ -10,7 +10,7 @@ from qdrift.progress import progress
 from qdrift.quant import QuantSpec, QuantStateMismatch, algorithm_version, load_quant_state, quantize, save_quant_state
 from qdrift.quant.state import FORMAT_VERSION
 
-from .context import QUANT_SEED_OFFSET
+from .context import ptq_seed_start
 from .sampling import call_pipeline
 
 log = logging.getLogger("qdrift")
@@ -18,8 +18,9 @@ log = logging.getLogger("qdrift")
 
 def quant_artifact(ctx) -> Artifact:
     """The quantized state depends on the model and its weights, the sampler (PTQ calibration runs
-    along the model's own trajectory), every quant setting, the algorithm's code version, the exact
-    calibration prompts and seeds, and the batch size they ran in."""
+    along the model's own trajectory), every quant setting (quant.seed included), the algorithm's code
+    version, the exact calibration prompts and seeds, and the batch size they ran in. Not on calib.seed:
+    the Q-Drift calibration seed and the quantized model are separate axes of a replicate."""
     cfg = ctx.cfg
     spec = QuantSpec.from_config(cfg.quant)
     return Artifact(ctx.cache_dir, "quant", {
@@ -30,11 +31,14 @@ def quant_artifact(ctx) -> Artifact:
 
 
 def ptq_prompts(ctx, spec: QuantSpec) -> list[str]:
-    return ctx.prompt_set.calib_prompts(spec.calib_prompts)
+    """quant.seed 0: the first calibration prompts; another seed: its own draw of them (prompts.py)."""
+    return ctx.prompt_set.calib_prompts(spec.calib_prompts, seed=spec.seed)
 
 
 def ptq_seed(ctx) -> int:
-    return int(ctx.cfg.calib.seed) + QUANT_SEED_OFFSET
+    """PTQ calibration prompt j uses noise seed ptq_seed + j (stages/context.py: disjoint from the
+    evaluation and Q-Drift calibration seeds of the same replicate)."""
+    return ptq_seed_start(ctx.cfg.quant.get("seed", 0))
 
 
 def quantize_stage(ctx) -> dict | None:
