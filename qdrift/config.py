@@ -146,7 +146,9 @@ def validate(cfg, inputs: bool = True) -> None:
 
 def check_config(cfg) -> None:
     """Types, ranges and combinations, from the config alone."""
-    _int(cfg.get("replicate", 0), "replicate", 0)   # before the seeds that interpolate it
+    replicate = _int(cfg.get("replicate", 0), "replicate", 0)   # before the seeds that interpolate it
+    _require(_replicate_seed(replicate + 1, 0) <= MAX_SEED, f"replicate={replicate} is too large: its block of seeds "
+                                                       "would pass 2**63")
     _seed(cfg.seed, "seed")
     _text(cfg.device, "device")
     _positive_int(cfg.batch_size, "batch_size")

@@ -57,13 +57,16 @@ class Run:
 
 def load_runs(paths: list[Path]) -> list[Run]:
     """Every run directory (one with metrics.json) at or below `paths`, in path order."""
-    runs = []
+    runs, seen = [], set()
     for root in paths:
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist")
         found = [root / "metrics.json"] if (root / "metrics.json").is_file() else sorted(root.rglob("metrics.json"))
         for m in found:
             d = m.parent
+            if d.resolve() in seen:   # named twice (a run and its sweep folder): one row
+                continue
+            seen.add(d.resolve())
             metrics = json.loads(m.read_text())
             overrides_file = d / ".hydra" / "overrides.yaml"
             overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
@@ -288,7 +291,9 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6, per_replic
     from qdrift import figures
 
     runs = load_runs(paths)
+    replicate_groups(runs)   # refuses two runs that are the same replicate of one setting, before any file is written
     header, rows = table_rows(runs)
+    replicates = replicate_rows(runs, per_replicate) if has_replicates(runs) else None
     keys = varying_keys(runs)
     # Figure labels name only what differs between the runs.
     differ = [k for k in keys if len({run_label(r, [k]) for r in runs}) > 1] or keys[:1]
@@ -298,9 +303,7 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6, per_replic
     with open(csv_path, "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     md_path.write_text(markdown(header, rows))
-    replicates = None
-    if has_replicates(runs):
-        replicates = replicate_rows(runs, per_replicate)
+    if replicates is not None:
         rep_path = out.with_suffix(".replicates.md")
         rep_path.write_text(markdown(*replicates))
 

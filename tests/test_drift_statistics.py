@@ -9,14 +9,12 @@ from safetensors.torch import save
 
 from qdrift.drift import (
     CalibrationPool,
+    InvalidStatistics,
     StatisticsMismatch,
-    TeacherForcing,
-    TrajectoryRecorder,
     calibrate_batch,
     calibrate_denoisers,
-    wrap_scheduler,
+    moments,
 )
-from qdrift.drift import InvalidStatistics, moments
 from qdrift.drift.calibration import PairedAccumulator
 from qdrift.drift.testbed import SAMPLERS
 from qdrift.models.tiny import build_tiny

@@ -41,6 +41,21 @@ def check_run(metrics: dict, run_dir: Path, device: str) -> None:
         assert metrics["variants"][variant]["psnr_vs_fp"] < 100
 
 
+@pytest.mark.parametrize("extra", [
+    ["corrector=all"],
+    ["sampler=ddim", "+sampler.options.eta=1.0", "corrector=[ptqd,d2dpm,d2dpm_stochastic,cumcomp]"],
+])
+def test_every_corrector_runs_on_cuda(run_tiny, extra):
+    """Every corrector, and the peers on DDIM with its own noise (eta = 1), through the runner on the GPU."""
+    metrics, run_dir = run_tiny(["device=cuda", "quant=rtn_w4a8", "++quant.calib_prompts=4", *extra])
+    corrected = set(metrics["variants"]) - {"fp", "quant"}
+    assert corrected >= {"ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp"}
+    for variant, values in metrics["variants"].items():
+        assert all(math.isfinite(v) for v in values.values() if isinstance(v, float)), (variant, values)
+        assert len(list((run_dir / "images" / variant).glob("*.png"))) == 4
+    assert any(metrics["variants"][v]["psnr_vs_fp"] != metrics["variants"]["quant"]["psnr_vs_fp"] for v in corrected)
+
+
 def _images(pipe, n: int) -> torch.Tensor:
     """What a run writes: n images from the first n prompts, noise seeds 0..n-1 drawn on the host, 8-bit."""
     gens = [torch.Generator().manual_seed(i) for i in range(n)]

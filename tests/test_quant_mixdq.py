@@ -155,8 +155,13 @@ def test_mixdq_sensitivity_search_resumes_after_a_kill(tiny_pixart, tmp_path, mo
         dequantize(den)
     assert len(calls) == 2 + searches - kept
     assert {r.name: (r.w_bits, r.a_bits, r.sensitivity) for r in report.quantized} == expected
-    journal.write_text("{not json")                  # a damaged journal is ignored, not fatal
-    calls.clear()
-    quantize(den, _mixdq(), "pixart", lambda n: calls.append(n) or calibrate(n), progress=False, resume_file=journal)
-    dequantize(den)
-    assert len(calls) == len(full_calls)
+    for damaged in ("{not json",                                   # a damaged journal is ignored, not fatal
+                    json.dumps({"sensitivity": {k: v for k, v in zip(  # non-numbers are measured again
+                        [f"{name}/w2" for name in expected], [float("nan"), "0.1", True, float("inf")])}})):
+        journal.write_text(damaged)
+        calls.clear()
+        report = quantize(den, _mixdq(), "pixart", lambda n: calls.append(n) or calibrate(n), progress=False,
+                          resume_file=journal)
+        dequantize(den)
+        assert len(calls) == len(full_calls)
+        assert {r.name: (r.w_bits, r.a_bits, r.sensitivity) for r in report.quantized} == expected

@@ -66,6 +66,7 @@ def test_replicates_pass_validation_with_disjoint_seed_ranges(replicate):
     ("replicate=abc", "replicate must be an integer >= 0, got 'abc'"),
     ("eval.split=-1", "eval.split must be an integer >= 0, got -1"),
     ("quant.seed=abc", "quant.seed must be an integer >= 0, got 'abc'"),
+    ("replicate=1000000000000", "replicate=1000000000000 is too large: its block of seeds would pass 2**63"),
 ])
 def test_bad_replicate_keys_are_refused(override, message):
     with pytest.raises(ConfigError) as err:

@@ -234,3 +234,17 @@ def test_report_draws_fig4_and_fig5_from_the_runs_raw_samples(tmp_path, monkeypa
 def test_report_without_any_raw_samples_says_so(tmp_path):
     page = write_report([BENCH_RESULTS], tmp_path / "r.html")["html"].read_text()
     assert "No raw error samples" in page and "Fig. 4 gaussianity" not in page
+
+
+def test_report_counts_a_run_once_and_refuses_a_copy_before_writing(tmp_path):
+    """A run named twice is one row; a copy of a run (the same replicate of one setting) is refused before
+    any output file is written, so no half-finished report is left behind."""
+    import shutil
+
+    run = BENCH_RESULTS / "bench_dit_dpmpp_svdquant_w3a4"
+    out = write_report([run, run, BENCH_RESULTS / "bench_unet_euler_mixdq_w4a8"], tmp_path / "once.html")
+    assert out["md"].read_text().count("\n") == 2 + 2
+    shutil.copytree(run, tmp_path / "copy")
+    with pytest.raises(ValueError, match="same replicate of one setting"):
+        write_report([run, tmp_path / "copy"], tmp_path / "dup.html")
+    assert not list(tmp_path.glob("dup.*"))

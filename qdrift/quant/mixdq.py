@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -99,10 +100,16 @@ class SensitivityLog:
         self.done: dict[str, float] = {}
         if path is not None and path.is_file():
             try:
-                self.done = {str(k): float(v) for k, v in json.loads(path.read_text())["sensitivity"].items()}
+                entries = json.loads(path.read_text())["sensitivity"].items()
             except (ValueError, KeyError, TypeError, AttributeError) as err:
                 log.warning("ignoring unreadable MixDQ sensitivity log %s (%s)", path, err)
             else:
+                # Only finite numbers: anything else is measured again (a NaN would reach the bit allocation).
+                self.done = {str(k): float(v) for k, v in entries
+                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+                if len(self.done) < len(entries):
+                    log.warning("MixDQ sensitivity log %s: %d entries are not finite numbers; measuring them again",
+                                path, len(entries) - len(self.done))
                 log.info("MixDQ: resuming the sensitivity search, %d runs already measured (%s)", len(self.done), path)
 
     def add(self, key: str, value: float) -> None:
