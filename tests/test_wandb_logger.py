@@ -218,7 +218,21 @@ def _history(run_dir: Path) -> list[dict]:
             for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "history"]
 
 
-def test_per_step_history_has_each_correctors_drift_factors(tmp_path, monkeypatch):
+LOG_STEPS = """
+import json
+from pathlib import Path
+from omegaconf import OmegaConf
+from qdrift.tracking.wandb_logger import WandbLogger
+run_dir = Path({run_dir!r})
+cfg = OmegaConf.create({{"kind": "wandb", "mode": "offline", "project": "p"}})
+logger = WandbLogger(cfg, run_dir, {{"corrector": {{"qdrift": {{}}, "ptqd": {{}}}}}}, name="factors")
+assert logger.run is not None
+logger.log_steps(json.loads((run_dir / "summary.json").read_text()))
+logger.finish()
+"""
+
+
+def test_per_step_history_has_each_correctors_drift_factors(tmp_path):
     """log_steps puts every Q-Drift variant's c_i on the step axis under per_step/<variant>/drift_factor:
     one value per sampling step, equal to the corrector's drift_factors() (the channel mean for
     channel pooling); a variant without factors (PTQD) gets no series."""
@@ -227,12 +241,7 @@ def test_per_step_history_has_each_correctors_drift_factors(tmp_path, monkeypatc
 
     from qdrift.drift import QDrift, wrap_scheduler
     from qdrift.drift.calibration import PairedAccumulator
-    from qdrift.tracking.wandb_logger import WandbLogger
 
-    for k, v in wandb_env(tmp_path).items():
-        if k.startswith("WANDB_"):
-            monkeypatch.setenv(k, v)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
     steps, gen = 5, torch.Generator().manual_seed(0)
     acc = PairedAccumulator(steps)
     for i in range(steps):   # an error that grows with the step and differs between the 3 channels
@@ -250,11 +259,10 @@ def test_per_step_history_has_each_correctors_drift_factors(tmp_path, monkeypatc
     summary = {"timesteps": sch.timesteps.tolist(), "residual_var_scalar": pool.fit(None).residual_var.tolist(),
                "residual_var_channel": pool.fit(None, "channel").residual_var.tolist(),
                "drift_factors": {name: f.tolist() for name, f in factors.items()}}
-    cfg = OmegaConf.create({"kind": "wandb", "mode": "offline", "project": "p"})
-    logger = WandbLogger(cfg, tmp_path, {"corrector": {"qdrift": {}, "ptqd": {}}}, name="factors")
-    assert logger.run is not None
-    logger.log_steps(summary)
-    logger.finish()
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    # In its own process, as a run logs: the offline file is complete once the process (and W&B's service) ends.
+    subprocess.run([sys.executable, "-c", LOG_STEPS.format(run_dir=str(tmp_path))], cwd=ROOT, env=wandb_env(tmp_path),
+                   check=True, capture_output=True, text=True, timeout=300)
     rows = [h for h in _history(tmp_path) if "per_step/V_i" in h]
     assert [int(h["step"]) for h in rows] == list(range(steps))
     for name, f in factors.items():
