@@ -260,7 +260,7 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             row += [_f(m.get("fid"), ".4f"), _f(None if m.get("kid_mean") is None else 1e3 * m["kid_mean"], ".3f"),
                     _f(m.get("clip_score"), ".2f")]
             if v not in BASELINES:
-                delta = next((m[k] for k in m if k.startswith("fid_delta_vs_")), None)
+                delta = fid_delta(m)
                 row.append("-" if delta is None else
                            f"{delta:+.4f} [{m['fid_delta_ci_low']:+.4f}, {m['fid_delta_ci_high']:+.4f}]")
                 g = gap_recovered(r.variants, v) if v in r.variants else None
