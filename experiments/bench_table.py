@@ -25,11 +25,12 @@ import json
 import sys
 from pathlib import Path
 
+from qdrift.conf import all_correctors
 from qdrift.report import has_replicates, load_runs, replicate_rows, setting_value, varying_keys
 
 COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3 (± std)",
            "CLIP [95% CI]", "FID delta vs quant [95% CI]")
-CORRECTOR_ORDER = ("qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp")
+CORRECTOR_ORDER = all_correctors()
 SETTING_KEYS = ("model.name", "sampler.name", "sampler.steps", "quant.name")   # the first two columns
 
 

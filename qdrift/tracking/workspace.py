@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-CORRECTORS = ("qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp")
+from qdrift.conf import all_correctors
+
+CORRECTORS = all_correctors()
 VARIANTS = ("fp", "quant", *CORRECTORS)
 DRIFT_CORRECTORS = ("qdrift", "qdrift_exact")   # the ones with per-step drift factors (QDrift.drift_factors)
 
