@@ -114,6 +114,23 @@ def test_d2dpm_stochastic_runs_repeat_exactly_and_depend_on_seed_and_latents():
     assert not torch.equal(a, trajectory("ddim", make_corrector("d2dpm", st)))              # not the mean
 
 
+def test_d2dpm_stochastic_draws_do_not_depend_on_the_batch():
+    """A trajectory's draws come from its own initial latent: sampled alone or next to another, the same."""
+    st = gaussian_stats(steps=6)
+    x0 = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def run(x):
+        sch = wrap_scheduler(SAMPLERS["ddim"](), make_corrector("d2dpm", st, variant="stochastic"))
+        sch.set_timesteps(6)
+        for t in sch.timesteps:
+            x = sch.step(torch.tanh(x) * 0.8, t, x).prev_sample
+        return x
+
+    together = run(x0.clone())
+    assert torch.equal(together[1:2], run(x0[1:2].clone()))
+    assert torch.equal(together[2:], run(x0[[2, 0]].clone())[:1])
+
+
 def test_d2dpm_variant_is_validated():
     with pytest.raises(ValueError, match="unknown D\\^2-DPM variant"):
         make_corrector("d2dpm", gaussian_stats(), variant="sampled")

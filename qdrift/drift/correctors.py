@@ -183,7 +183,8 @@ class D2DPM(Corrector):
     deterministic (D-D^2): u - E[e | u]; stochastic samplers absorb V = Var(e | u) into their own noise.
     stochastic (S-D^2): u - e~ with e~ ~ N(E[e | u], V) drawn afresh at every step: given u, the corrected
     output is distributed as u_fp is, so nothing is absorbed (the authors' S-D^2 sampler leaves sigma_t).
-    Draws come from a generator seeded by `seed` and the trajectories' initial latents: runs repeat exactly.
+    Each trajectory draws from its own generator, seeded by `seed` and that trajectory's initial latent:
+    runs repeat exactly, whatever the batch a trajectory is sampled in.
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", variant: str = "deterministic",
@@ -192,29 +193,30 @@ class D2DPM(Corrector):
         if variant not in D2DPM_VARIANTS:
             raise ValueError(f"unknown D^2-DPM variant {variant!r}; choose one of {D2DPM_VARIANTS}")
         self.variant, self.seed = variant, int(seed)
-        self.generator: torch.Generator | None = None
+        self.generators: list[torch.Generator] | None = None
 
     def prepare(self, scheduler):
         super().prepare(scheduler)
-        self.generator = None   # seeded again at the first step of each trajectory
+        self.generators = None   # seeded again at the first step of each trajectory
 
     def step(self, scheduler, i, model_output, sample, parent, step_kwargs):
-        if self.variant == "stochastic" and (i == 0 or self.generator is None):
+        if self.variant == "stochastic" and (i == 0 or self.generators is None):
             self._seed(sample)
         return super().step(scheduler, i, model_output, sample, parent, step_kwargs)
 
     def _seed(self, latents: torch.Tensor) -> None:
-        digest = zlib.crc32(latents.detach().float().cpu().contiguous().numpy().tobytes())
-        self.generator = torch.Generator().manual_seed((self.seed * 0x9E3779B1 + digest) % 2**64)
+        rows = latents.detach().float().cpu().contiguous().numpy()
+        self.generators = [torch.Generator().manual_seed((self.seed * 0x9E3779B1 + zlib.crc32(r.tobytes())) % 2**64)
+                           for r in rows]
 
     def transform_output(self, i, u):
         mean = self._conditional_bias(i, u)
         if self.variant == "deterministic":
             return (u.float() - mean).to(u.dtype)
-        if self.generator is None:   # called outside a trajectory: seed from the output itself
+        if self.generators is None:   # called outside a trajectory: seed from the output itself
             self._seed(u)
-        z = torch.randn(u.shape, generator=self.generator, dtype=torch.float32).to(u.device)
-        return (u.float() - mean - self._vec(self.stats.residual_var, i, u).sqrt() * z).to(u.dtype)
+        z = torch.stack([torch.randn(u.shape[1:], generator=g, dtype=torch.float32) for g in self.generators])
+        return (u.float() - mean - self._vec(self.stats.residual_var, i, u).sqrt() * z.to(u.device)).to(u.dtype)
 
     def absorbed_variance(self):
         return self.stats.residual_var if self.variant == "deterministic" else None
@@ -237,7 +239,8 @@ class CumComp(Corrector):
 CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM, "cumcomp": CumComp}
 # Code version of each corrector's rules (rules.py included): bump when a change alters its images.
 # ptqd 2: k from the scalar fit, clamped at 0; bias per the statistics' pooling (channel by default).
-CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 2, "d2dpm": 1, "cumcomp": 1}
+# d2dpm 2: the stochastic variant draws per trajectory (independent of the batch).
+CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 2, "d2dpm": 2, "cumcomp": 1}
 
 
 def make_corrector(kind: str, stats: DriftStatistics, layout: str = "image", **options) -> Corrector:
