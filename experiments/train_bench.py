@@ -13,6 +13,12 @@ fit is left for the next invocation (stage boundary), a stage cut short is check
 resumed exactly. --out holds only the exported files (<= 7, each < 16 MB) and train_report.json, which
 records every invocation's command, seeds, steps, losses and GPU minutes; a stage whose export is in
 --out is done, so a fresh --ckpt resumes from --out alone.
+
+A finished generator trains further with --extend: it starts from its exported (EMA, fp16) weights with a
+fresh optimizer, which is what survives a GPU box that is handed back between invocations (a checkpoint with
+optimizer state is over the 16 MB a call brings back). Each extension is one segment in the report:
+
+    python experiments/train_bench.py --stage dit --extend --stage-minutes dit=8 --minutes 9.5
 """
 from __future__ import annotations
 
@@ -113,6 +119,10 @@ class Run:
         state_file = self.ckpt / "state.json"
         partial = json.loads(state_file.read_text()).get("partial", {}) if state_file.is_file() else {}
         self.partial = {s: v for s, v in partial.items() if self.checkpoint(s).is_file()}
+        self.extending = set()      # finished generator stages that this invocation trains further
+
+    def extends(self, stage: str) -> bool:
+        return stage in self.extending
 
     # -- bookkeeping --
     def done(self, stage: str) -> bool:
@@ -152,7 +162,9 @@ class Run:
         return self._data
 
     def stage_seed(self, stage: str) -> int:
-        return 1000 * self.args.seed + STAGES.index(stage)
+        """Seed of the stage's init and data order; each --extend segment draws a fresh data order."""
+        segments = len(self.report["stages"].get(stage, {}).get("segments", [])) if self.extends(stage) else 0
+        return 1000 * self.args.seed + STAGES.index(stage) + 100 * segments
 
     def train(self, stage: str, modules: dict[str, torch.nn.Module], loss_fn) -> StageRun | None:
         """Run the stage's loop; the StageRun when the stage finished, None when it was cut short."""
@@ -166,10 +178,20 @@ class Run:
         return run if finished else None
 
     def record(self, stage: str, run: StageRun, modules: dict, size_bytes: int, **extra) -> None:
-        history = run.history[:: max(1, len(run.history) // 50)] + run.history[-1:]
+        before = self.report["stages"].get(stage, {}) if self.extends(stage) else {}
+        steps0, minutes0 = before.get("steps", 0), before.get("train_minutes", 0.0)
+        history = [(steps0 + step, loss) for step, loss in run.history[:: max(1, len(run.history) // 50)]
+                   + run.history[-1:]]
+        segment = {"steps": run.step, "train_minutes": round(run.elapsed / 60, 3), "plan": asdict(run.plan),
+                   "stage_seed": self.stage_seed(stage), "start": "export" if before else "init",
+                   "invocation": len(self.report["invocations"])}
+        segments = before.get("segments") or ([{k: before[k] for k in ("steps", "train_minutes", "plan",
+                                                                      "stage_seed")} | {"start": "init"}]
+                                              if before else [])
         self.report["stages"][stage] = {
-            "steps": run.step, "train_minutes": round(run.elapsed / 60, 3), "plan": asdict(run.plan),
-            "final_loss": run.history[-1][1] if run.history else None, "loss_history": history,
+            "steps": steps0 + run.step, "train_minutes": round(minutes0 + run.elapsed / 60, 3),
+            "plan": asdict(run.plan), "final_loss": run.history[-1][1] if run.history else None,
+            "loss_history": before.get("loss_history", []) + history, "segments": segments + [segment],
             "parameters": param_count(modules), "file": FILE_OF[stage], "file_mb": round(size_bytes / 2**20, 3),
             "seed": self.args.seed, "stage_seed": self.stage_seed(stage), **extra,
         }
@@ -258,7 +280,13 @@ def stage_generator(run: Run, stage: str) -> bool:
         log(f"[latents] {tuple(data.latents.shape)} encoded with the exported VAE, std {data.latents.std():.3f}")
     seeded(run, stage)
     specs = models.generator_specs(name, run.sizes)
-    modules = {slot: models.build(s).to(run.device) for slot, s in specs.items()}
+    if run.extends(stage):
+        modules, _ = models.load_modules(run.out / FILE_OF[stage])
+        modules = {slot: m.float().requires_grad_(True).to(run.device) for slot, m in modules.items()}
+        log(f"[{stage}] extending from {run.out / FILE_OF[stage]} "
+            f"({run.report['stages'][stage]['steps']} steps so far)")
+    else:
+        modules = {slot: models.build(s).to(run.device) for slot, s in specs.items()}
     denoiser_slot = configs.DENOISER[name]
     encoders = {k: m for k, m in modules.items() if k != denoiser_slot}
     objective = DenoisingLoss(name, run.device)
@@ -357,6 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--redo", action="store_true", help="retrain the named stage even if its export exists")
+    p.add_argument("--extend", action="store_true",
+                   help="train the named (finished) generator stage further, from its export")
     p.add_argument("--stage-minutes", nargs="*", default=[], metavar="STAGE=MIN", help="override training minutes")
     p.add_argument("--max-steps", nargs="*", default=[], metavar="STAGE=N", help="cap steps (exact reproduction)")
     p.add_argument("--batch", nargs="*", default=[], metavar="STAGE=N", help="override batch sizes")
@@ -379,12 +409,18 @@ def main(argv: list[str] | None = None) -> int:
     stages = list(STAGES) if args.stage == "all" else [args.stage]
     if args.redo and args.stage != "all":
         run.report["stages"].pop(args.stage, None)
+    if args.extend:
+        if args.stage not in GENERATOR_OF or args.redo:
+            raise SystemExit(f"--extend takes one generator stage ({', '.join(GENERATOR_OF)}), without --redo")
+        if not run.done(args.stage):
+            raise SystemExit(f"--extend {args.stage}: nothing to extend, no {run.out / FILE_OF[args.stage]}")
+        run.extending.add(args.stage)
     log(f"device {run.device} ({run.invocation['device']}), mode {run.mode}, stages {stages}, "
         f"budget {args.minutes:g} min")
     note, ran = "complete", False
     try:
         for stage in stages:
-            if run.done(stage) and not (stage == "report" and args.stage == "report"):
+            if run.done(stage) and not (stage == "report" and args.stage == "report") and not run.extends(stage):
                 log(f"[{stage}] done already ({run.out}); --redo retrains it")
                 continue
             need = run.remaining_minutes(stage)

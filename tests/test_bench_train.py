@@ -142,6 +142,29 @@ def test_rerun_skips_finished_stages(tiny):
     assert after["stages"] == before["stages"] and (out / "bench_dit.safetensors").read_bytes() == digest
 
 
+def test_extend_trains_a_finished_generator_further_from_its_export(tiny, tmp_path):
+    script, out, _, _ = tiny
+    shutil.copytree(out, tmp_path / "out")
+    before = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["stages"]["dit"]
+    weights = (tmp_path / "out" / "bench_dit.safetensors").read_bytes()
+    args = ["--tiny", "--stage", "dit", "--extend", "--out", str(tmp_path / "out"), "--ckpt", str(tmp_path / "ck")]
+    assert script.main(args) == 0
+    after = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    dit = after["stages"]["dit"]
+    assert dit["steps"] == 2 * before["steps"] and len(dit["segments"]) == 2
+    assert [s["start"] for s in dit["segments"]] == ["init", "export"]
+    assert dit["segments"][1]["stage_seed"] != dit["segments"][0]["stage_seed"]     # a fresh data order
+    assert (tmp_path / "out" / "bench_dit.safetensors").read_bytes() != weights
+    assert "report" not in after                                                     # stale report dropped
+    assert after["stages"]["unet"] == json.loads((out / REPORT_FILE).read_text())["stages"]["unet"]
+    with pytest.raises(SystemExit, match="one generator stage"):
+        script.main(["--tiny", "--stage", "vae", "--extend", "--out", str(tmp_path / "out"), "--ckpt",
+                     str(tmp_path / "ck")])
+    with pytest.raises(SystemExit, match="nothing to extend"):
+        script.main(["--tiny", "--stage", "dit", "--extend", "--out", str(tmp_path / "none"), "--ckpt",
+                     str(tmp_path / "ck")])
+
+
 class _Budget:
     """Runs out after `steps` checks, like a wall clock that hits the invocation deadline."""
 
