@@ -19,6 +19,11 @@ fresh optimizer, which is what survives a GPU box that is handed back between in
 optimizer state is over the 16 MB a call brings back). Each extension is one segment in the report:
 
     python experiments/train_bench.py --stage dit --extend --stage-minutes dit=8 --minutes 9.5
+
+Stages trained at the same time on several GPUs each write into their own copy of --out; --merge brings the
+stages they trained, and their invocations, back into --out:
+
+    python experiments/train_bench.py --merge /tmp/w/dit /tmp/w/unet --out qdrift/bench/weights
 """
 from __future__ import annotations
 
@@ -96,6 +101,9 @@ class Run:
         for item in args.batch:
             stage, size = item.split("=")
             self.plans[stage] = replace(self.plans[stage], batch_size=int(size))
+        for item in args.lr:
+            stage, lr = item.split("=")
+            self.plans[stage] = replace(self.plans[stage], lr=float(lr))
         self.data_plan = dict(DATA[self.mode])
         if args.images:
             self.data_plan["images"] = args.images
@@ -375,12 +383,45 @@ RUNNERS = {"vae": stage_vae, "clip": stage_clip, "dit": lambda r: stage_generato
            "report": stage_report}
 
 
+def merge(out: Path, parts: list[Path]) -> list[str]:
+    """Bring the stages trained in copies of `out` (one invocation each, run side by side) back into `out`."""
+    import shutil
+    base = json.loads((out / REPORT_FILE).read_text())
+    merged, taken, files = dict(base, stages=dict(base["stages"])), [], []
+    for part in parts:
+        report = json.loads((part / REPORT_FILE).read_text())
+        if report["invocations"][: len(base["invocations"])] != base["invocations"]:
+            raise SystemExit(f"{part} was not copied from {out}: its earlier invocations differ")
+        new = report["invocations"][len(base["invocations"]):]
+        stages = [s for s in FILE_OF if report["stages"].get(s) != base["stages"].get(s)]
+        if len(new) != 1 or not stages:
+            raise SystemExit(f"{part}: expected one new invocation that trained a stage, got {len(new)} and {stages}")
+        for stage in stages:
+            if stage in taken:
+                raise SystemExit(f"stage {stage} was trained in more than one of {parts}")
+            entry = report["stages"][stage]
+            for segment in entry.get("segments", [])[-1:]:
+                segment["invocation"] = len(merged["invocations"])
+            merged["stages"][stage] = entry
+            taken.append(stage)
+            files.append((part / FILE_OF[stage], out / FILE_OF[stage]))
+        merged["invocations"] = merged["invocations"] + new
+    for src, dst in files:          # only once every part checked out
+        shutil.copyfile(src, dst)
+    merged.pop("report", None)
+    merged["gpu_minutes_total"] = round(sum(i["minutes"] for i in merged["invocations"] if i["device_type"] == "cuda"), 3)
+    (out / REPORT_FILE).write_text(json.dumps(merged, indent=1))
+    return taken
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=STAGES + ("all",), default="all")
     p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of this invocation (from start)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "qdrift" / "bench" / "weights"))
     p.add_argument("--ckpt", default="outputs/bench_ckpt", help="checkpoints and state.json (resume from here)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="copies of --out trained side by side: merge their stages into --out, then stop")
     p.add_argument("--tiny", action="store_true", help="tiny models, a few steps: a CPU smoke run in seconds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -390,6 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage-minutes", nargs="*", default=[], metavar="STAGE=MIN", help="override training minutes")
     p.add_argument("--max-steps", nargs="*", default=[], metavar="STAGE=N", help="cap steps (exact reproduction)")
     p.add_argument("--batch", nargs="*", default=[], metavar="STAGE=N", help="override batch sizes")
+    p.add_argument("--lr", nargs="*", default=[], metavar="STAGE=LR", help="override learning rates")
     p.add_argument("--images", type=int, default=None, help="override the number of training images")
     p.add_argument("--report-prompts", type=int, default=None, help="override the report's prompt count")
     return p.parse_args(argv)
@@ -400,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     start = _T0 if argv is None else time.monotonic()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.merge:
+        log(f"merged stages {merge(Path(args.out), [Path(d) for d in args.merge])} into {args.out}")
+        return 0
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     random.seed(args.seed)

@@ -165,6 +165,29 @@ def test_extend_trains_a_finished_generator_further_from_its_export(tiny, tmp_pa
                      str(tmp_path / "ck")])
 
 
+def test_stages_extended_side_by_side_merge_back(tiny, tmp_path):
+    script, out, _, _ = tiny
+    base = tmp_path / "out"
+    shutil.copytree(out, base)
+    for stage in ("dit", "flow"):
+        shutil.copytree(out, tmp_path / stage)
+        assert script.main(["--tiny", "--stage", stage, "--extend", "--out", str(tmp_path / stage),
+                            "--ckpt", str(tmp_path / f"ck_{stage}")]) == 0
+    before = json.loads((base / REPORT_FILE).read_text())
+    assert script.main(["--merge", str(tmp_path / "dit"), str(tmp_path / "flow"), "--out", str(base)]) == 0
+    merged = json.loads((base / REPORT_FILE).read_text())
+    assert len(merged["invocations"]) == len(before["invocations"]) + 2
+    for i, stage in enumerate(("dit", "flow")):
+        assert merged["stages"][stage] == {**json.loads((tmp_path / stage / REPORT_FILE).read_text())["stages"][stage],
+                                           "segments": merged["stages"][stage]["segments"]}
+        assert merged["stages"][stage]["segments"][-1]["invocation"] == len(before["invocations"]) + i
+        file = f"bench_{stage}.safetensors"
+        assert (base / file).read_bytes() == (tmp_path / stage / file).read_bytes()
+    assert merged["stages"]["unet"] == before["stages"]["unet"]
+    with pytest.raises(SystemExit, match="more than one"):     # the same stage from two copies
+        script.main(["--merge", str(tmp_path / "dit"), str(tmp_path / "dit"), "--out", str(out)])
+
+
 class _Budget:
     """Runs out after `steps` checks, like a wall clock that hits the invocation deadline."""
 
