@@ -61,7 +61,8 @@ PLANS = {
     "full": {
         "vae": StagePlan(minutes=1.25, max_steps=10**9, batch_size=256, lr=1e-3, warmup=200),
         "clip": StagePlan(minutes=1.25, max_steps=10**9, batch_size=512, lr=1e-3, warmup=200),
-        "dit": StagePlan(minutes=3.0, max_steps=10**9, batch_size=512, lr=5e-4, warmup=500),
+        # Its loss turned NaN under bf16 autocast twice when extended at batch 1024 (H200): fp32 + TF32.
+        "dit": StagePlan(minutes=3.0, max_steps=10**9, batch_size=512, lr=5e-4, warmup=500, bf16=False),
         "unet": StagePlan(minutes=3.0, max_steps=10**9, batch_size=512, lr=5e-4, warmup=500),
         # FluxTransformer2DModel's loss is NaN from the first 100 steps under bf16 autocast (H100): fp32 + TF32.
         "flow": StagePlan(minutes=3.0, max_steps=10**9, batch_size=512, lr=5e-4, warmup=500, bf16=False),
@@ -384,7 +385,8 @@ RUNNERS = {"vae": stage_vae, "clip": stage_clip, "dit": lambda r: stage_generato
 
 
 def merge(out: Path, parts: list[Path]) -> list[str]:
-    """Bring the stages trained in copies of `out` (one invocation each, run side by side) back into `out`."""
+    """Bring the stages trained in copies of `out` (run side by side) back into `out`, with every invocation
+    of each copy, failed ones included."""
     import shutil
     base = json.loads((out / REPORT_FILE).read_text())
     merged, taken, files = dict(base, stages=dict(base["stages"])), [], []
@@ -394,14 +396,14 @@ def merge(out: Path, parts: list[Path]) -> list[str]:
             raise SystemExit(f"{part} was not copied from {out}: its earlier invocations differ")
         new = report["invocations"][len(base["invocations"]):]
         stages = [s for s in FILE_OF if report["stages"].get(s) != base["stages"].get(s)]
-        if len(new) != 1 or not stages:
-            raise SystemExit(f"{part}: expected one new invocation that trained a stage, got {len(new)} and {stages}")
+        if not new:
+            raise SystemExit(f"{part}: no invocation since it was copied from {out}")
         for stage in stages:
             if stage in taken:
                 raise SystemExit(f"stage {stage} was trained in more than one of {parts}")
             entry = report["stages"][stage]
-            for segment in entry.get("segments", [])[-1:]:
-                segment["invocation"] = len(merged["invocations"])
+            for segment in entry.get("segments", [])[-1:]:      # the part's last invocation finished it
+                segment["invocation"] = len(merged["invocations"]) + len(new) - 1
             merged["stages"][stage] = entry
             taken.append(stage)
             files.append((part / FILE_OF[stage], out / FILE_OF[stage]))
@@ -475,7 +477,12 @@ def main(argv: list[str] | None = None) -> int:
                 log(note)
                 break
             ran = True
-            if not RUNNERS[stage](run):
+            try:
+                finished = RUNNERS[stage](run)
+            except Exception as err:                 # recorded, then raised
+                note = f"{stage} failed: {type(err).__name__}: {err}"
+                raise
+            if not finished:
                 note = f"{stage} checkpointed mid-way: rerun with the same --ckpt to continue"
                 break
         else:

@@ -19,7 +19,7 @@ from qdrift.signals import Terminated, terminate_on_sigterm
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
     from qdrift import runner
 
     run_dir = HydraConfig.get().runtime.output_dir
@@ -39,6 +39,21 @@ def _main(cfg: DictConfig) -> None:
     print(format_header(result["config"], result["num_prompts"]))
     print(format_table(result["variants"]))
     print(run_dir)  # the last line is the run directory
+    return objective(cfg, result)
+
+
+def objective(cfg: DictConfig, result: dict) -> float | None:
+    """With `objective=<variant>`: that variant's FID change vs the quantized model, which Hydra's Optuna
+    sweeper minimises (README, "Beyond the paper"); None otherwise."""
+    name = cfg.get("objective")
+    if name is None:
+        return None
+    from qdrift.report import fid_delta
+
+    value = fid_delta(result["variants"][name])
+    if value is None:
+        raise RuntimeError(f"objective={name}: the run has no FID delta for it (eval.reference=none?)")
+    return float(value)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ the runner again before it loads a model (tests and scripts call the runner dire
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
 import logging
 import math
@@ -22,8 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .distributed import world
 from .drift.correctors import CORRECTORS, D2DPM_VARIANTS
-from .drift.rules import MODES, schedule_of
+from .drift.rules import INFEASIBLE, MODES, schedule_of
 from .drift.statistics import POOLINGS
+from .prompts import POOLS
 from .models.families import FAMILIES
 from .models.loaders import DTYPES, SOURCES
 from .models.random_arch import ARCH_SIZES
@@ -31,8 +33,14 @@ from .samplers import SAMPLERS, STEP_OPTIONS, check_sampler, make_scheduler, sam
 
 log = logging.getLogger("qdrift")
 
-# For Hydra's sweep subdir (conf/config.yaml): an override value with "/" would nest folders.
-OmegaConf.register_new_resolver("path_safe", lambda s: str(s).replace("/", "_"), replace=True)
+def path_safe(text, limit: int = 120) -> str:
+    """A sweep job's folder name from its overrides (conf/config.yaml): a "/" would nest folders, and a long
+    list of overrides (an Optuna trial's floats) would pass the file system's 255-byte limit."""
+    text = str(text).replace("/", "_")
+    return text if len(text) <= limit else f"{text[:limit - 11]}_{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+OmegaConf.register_new_resolver("path_safe", path_safe, replace=True)
 # Run directories are named to the second; two runs started in the same second need another part.
 # Fixed per process (and cached in the config, which travels to a launcher's jobs with it); the ranks
 # of one torchrun job share rank 0's (set_run_id), so they name one directory.
@@ -103,10 +111,12 @@ def _positive_int(value, name: str) -> int:
     return _int(value, name, 1)
 
 
-def _number(value, name: str, low: float | None = None) -> float:
+def _number(value, name: str, low: float | None = None, high: float | None = None) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     bound = "" if low is None else f" >= {low:g}"
-    _require(ok and (low is None or value >= low), f"{name} must be a number{bound}, got {value!r}")
+    bound = bound if high is None else f" in [{low:g}, {high:g}]"
+    _require(ok and (low is None or value >= low) and (high is None or value <= high),
+             f"{name} must be a number{bound}, got {value!r}")
     return float(value)
 
 
@@ -156,6 +166,7 @@ def check_config(cfg) -> None:
     _text(cfg.output_root, "output_root")
     _text(cfg.cache_dir, "cache_dir")
     _validate_model(cfg.model)
+    _validate_objective(cfg)
     _validate_sampler(cfg)
     _validate_quant(cfg.quant)
     m, q = cfg.model, cfg.quant
@@ -314,6 +325,13 @@ def _validate_correctors(correctors) -> None:
             _choice(c.get("mode", "paper"), f"corrector.{name}.mode", MODES)
             _number(c.get("drift_scale", 1.0), f"corrector.{name}.drift_scale", 0)
             _bool(c.get("bias_removal", False), f"corrector.{name}.bias_removal")
+            _number(c.get("mean_removal", 0.0), f"corrector.{name}.mean_removal", 0, 1)
+            _choice(c.get("infeasible", "skip"), f"corrector.{name}.infeasible", INFEASIBLE)
+            _require(c.get("infeasible", "skip") == "skip" or c.get("mode", "paper") == "exact",
+                     f"corrector.{name}.infeasible={c.get('infeasible')} is a choice of the exact rule: set "
+                     f"corrector.{name}.mode=exact")
+            _require(not (c.get("bias_removal", False) and c.get("mean_removal", 0.0)),
+                     f"corrector.{name}: bias_removal already removes the mean error; set mean_removal=0 with it")
         if c.kind == "d2dpm":
             _choice(c.get("variant", "deterministic"), f"corrector.{name}.variant", D2DPM_VARIANTS)
             _seed(c.get("seed", 0), f"corrector.{name}.seed")
@@ -338,19 +356,20 @@ def _validate_sampling_with_correctors(cfg) -> None:
     for name, c in cfg.corrector.items():
         if c.kind != "qdrift":
             continue   # PTQD and D2DPM correct the model output, which acts on any sampler
-        if not c.get("bias_removal", False):
+        if not (c.get("bias_removal", False) or c.get("mean_removal", 0.0)):
             raise ConfigError(
                 f"corrector.{name}: Q-Drift's drift correction is off on stochastic samplers ({where}, "
                 f"sampler.options={dict(cfg.sampler.options or {})}), so this variant would equal the quantized "
                 f"one; use a deterministic sampler, or set corrector.{name}.bias_removal=true, or use ptqd/d2dpm")
-        log.warning("corrector.%s: %s is stochastic, so only Q-Drift's bias removal acts (no drift correction)",
+        log.warning("corrector.%s: %s is stochastic, so only Q-Drift's bias or mean removal acts (no drift correction)",
                     name, where)
 
 
 def _check_correctors_with_eta(cfg, eta: float) -> None:
     """DDIM with eta > 0: Q-Drift's rules do not cover DDIM's own noise (its variants would equal the
     quantized one, bias removal aside); the peer correctors handle it."""
-    inert = [name for name, c in cfg.corrector.items() if c.kind == "qdrift" and not c.get("bias_removal", False)]
+    inert = [name for name, c in cfg.corrector.items()
+             if c.kind == "qdrift" and not (c.get("bias_removal", False) or c.get("mean_removal", 0.0))]
     if inert:
         raise ConfigError(
             f"{', '.join(f'corrector.{n}' for n in inert)}: Q-Drift has no drift rule for DDIM's own noise "
@@ -359,8 +378,21 @@ def _check_correctors_with_eta(cfg, eta: float) -> None:
             "pick those, e.g. corrector=[ptqd,d2dpm] (corrector=all includes Q-Drift), or use eta=0")
     for name, c in cfg.corrector.items():
         if c.kind == "qdrift":
-            log.warning("corrector.%s: DDIM with eta=%g adds its own noise, so only Q-Drift's bias removal acts "
+            log.warning("corrector.%s: DDIM with eta=%g adds its own noise, so only Q-Drift's bias or mean removal acts "
                         "(no drift correction)", name, eta)
+
+
+def _validate_objective(cfg) -> None:
+    """`objective`: the corrector variant whose FID delta a tuning run returns (Hydra's Optuna sweeper)."""
+    name = cfg.get("objective")
+    if name is None:
+        return
+    variants = sorted(cfg.corrector or {})
+    _require(isinstance(name, str) and name in variants,
+             f"objective={name!r} must name one of this run's corrector variants {variants}")
+    _require(cfg.eval.get("pool", "eval") == "tune",
+             f"objective={name} tunes on the run's prompts, so it needs eval.pool=tune: hyperparameters are never "
+             "tuned on evaluation prompts")
 
 
 def _validate_eval(cfg) -> None:
@@ -369,6 +401,9 @@ def _validate_eval(cfg) -> None:
     n = _int(e.num_prompts, "eval.num_prompts", 2)   # FID and KID need at least two images
     _require(n < EVAL_SEED_SPAN, f"eval.num_prompts must be < {EVAL_SEED_SPAN}")
     _int(e.get("split", 0), "eval.split", 0)   # whether the set has that many prompts: inputs.check_inputs
+    pool = _choice(e.get("pool", "eval"), "eval.pool", POOLS)
+    _require(pool == "eval" or prompts == "bench", f"eval.pool={pool} needs eval.prompt_set=bench (the {prompts} "
+                                                   "set has no tune pool)")
     _choice(e.features, "eval.features", FEATURES)
     _choice(e.clip, "eval.clip", CLIPS)
     _choice(e.reference, "eval.reference", REFERENCES)

@@ -88,7 +88,8 @@ class SweepProgress(Callback):
         self.__init__()
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        total = len(sweep_configs(config))
+        # A grid's size, or the trial count of a sweeper that draws its jobs (Optuna).
+        total = len(sweep_configs(config)) or int(config.hydra.sweeper.get("n_trials") or 0)
         if total:
             monitor = SweepMonitor(Path(config.hydra.sweep.dir), total)
             self._thread = threading.Thread(target=monitor.watch, args=(self._stop,), daemon=True)

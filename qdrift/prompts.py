@@ -8,6 +8,9 @@
 Every set says how many prompts each split has (`max_eval`, `max_calib`; None: more than any run
 needs), so a run asking for more is refused before it starts.
 
+`eval.pool=tune` (bench) evaluates prompts of the tune pool instead: calibration-split captions that are
+neither evaluation nor calibration prompts, for tuning hyperparameters (README, "Beyond the paper").
+
 Replicates (README, "Replicates"): `eval.split=s` evaluates prompts [s n, (s + 1) n) of the evaluation
 pool (n = eval.num_prompts; `start` = s n), so splits are disjoint and split 0 is the first n prompts.
 PTQ calibration draws its prompts with `quant.seed` (`calib_prompts(n, seed)`): seed 0 takes the first
@@ -15,6 +18,7 @@ n calibration prompts (what the Q-Drift calibration runs also use), another seed
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import random
@@ -63,17 +67,42 @@ class BuiltinPrompts:
         raise PromptSetUnavailable("the builtin prompt set has no reference images (use eval.reference=none)")
 
 
+POOLS = ("eval", "tune")
+# The tune pool (eval.pool=tune): prompts to tune hyperparameters on, never evaluation captions. A seeded
+# draw of calibration-split captions of its own, without the first TUNE_EXCLUDE calibration captions (what
+# Q-Drift's calibration runs and PTQ with quant.seed=0 take).
+TUNE_SEED, TUNE_EXCLUDE = 999_999_999, 4096
+
+
+@functools.lru_cache(maxsize=4)
+def tune_captions(n: int) -> tuple[str, ...]:
+    """The first n prompts of the bench tune pool (a larger n extends the list)."""
+    from qdrift.bench import captions
+
+    taken = set(captions("calib", TUNE_EXCLUDE))
+    draw = n
+    while True:
+        pool = [c for c in captions("calib", draw, TUNE_SEED) if c not in taken]
+        if len(pool) >= n:
+            return tuple(pool[:n])
+        draw += n - len(pool) + 16
+
+
 class BenchPrompts:
     name = "bench"
     has_references = True
     max_eval = max_calib = None   # hundreds of millions of captions per split
 
-    def __init__(self, start: int = 0):
-        self.start = start
+    def __init__(self, start: int = 0, pool: str = "eval"):
+        if pool not in POOLS:
+            raise ValueError(f"unknown prompt pool {pool!r}; choose one of {POOLS}")
+        self.start, self.pool = start, pool
 
     def eval_prompts(self, n: int) -> list[str]:
         from qdrift.bench import captions
 
+        if self.pool == "tune":
+            return list(tune_captions(self.start + n)[self.start:])
         return captions("eval", self.start + n)[self.start:]   # distinct captions: splits are disjoint
 
     def calib_prompts(self, n: int, seed: int = 0) -> list[str]:
@@ -182,8 +211,11 @@ def prompt_set(eval_cfg):
     name, start = eval_cfg.prompt_set, eval_start(eval_cfg)
     if name == "builtin":
         return BuiltinPrompts(start)
+    pool = eval_cfg.get("pool", "eval")
+    if pool != "eval" and name != "bench":
+        raise ValueError(f"eval.pool={pool} needs eval.prompt_set=bench (the {name} set has no tune pool)")
     if name == "bench":
-        return BenchPrompts(start)
+        return BenchPrompts(start, pool)
     if name == "mjhq":
         return MJHQPrompts(eval_cfg.get("mjhq_dir"), int(eval_cfg.get("eval_split", 5000)), start)
     raise ValueError(f"unknown prompt set {name!r}; choose builtin, bench or mjhq")

@@ -54,7 +54,7 @@ def test_fp_generator_beats_random_weights_by_a_wide_margin(clip, name):
     fp = attribute_accuracy(generate(pipe, name, prompts), prompts, clip)
     reinit_denoiser(pipe, seed=0)
     random_weights = attribute_accuracy(generate(pipe, name, prompts), prompts, clip)
-    # Chance is 0.25 (truth vs 3 swaps). Measured on these 16 prompts: FP 0.44-0.79, random weights
-    # 0.20-0.25 (README: 0.57-0.80 vs 0.24 on 200 prompts; the first 16 are harder for bench_unet).
-    assert fp["mean"] >= 0.4, fp
-    assert fp["mean"] >= random_weights["mean"] + 0.15, (fp, random_weights)
+    # Chance is 0.25 (truth vs 3 swaps). Measured on these 16 prompts: FP 0.917-0.927, random weights
+    # 0.21-0.25 (README: 0.92-0.94 vs 0.23-0.24 on 200 prompts).
+    assert fp["mean"] >= 0.8, fp
+    assert fp["mean"] >= random_weights["mean"] + 0.5, (fp, random_weights)

@@ -188,6 +188,20 @@ def test_stages_extended_side_by_side_merge_back(tiny, tmp_path):
         script.main(["--merge", str(tmp_path / "dit"), str(tmp_path / "dit"), "--out", str(out)])
 
 
+def test_a_failed_stage_is_recorded_as_failed(tiny, tmp_path, monkeypatch):
+    script, out, _, _ = tiny
+    shutil.copytree(out, tmp_path / "out")
+
+    def diverge(run):
+        raise FloatingPointError("[dit] loss is nan at step 7")
+    monkeypatch.setitem(script.RUNNERS, "dit", diverge)
+    with pytest.raises(FloatingPointError):
+        script.main(["--tiny", "--stage", "dit", "--extend", "--out", str(tmp_path / "out"), "--ckpt",
+                     str(tmp_path / "ck")])
+    last = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["invocations"][-1]
+    assert last["note"] == "dit failed: FloatingPointError: [dit] loss is nan at step 7"
+
+
 class _Budget:
     """Runs out after `steps` checks, like a wall clock that hits the invocation deadline."""
 

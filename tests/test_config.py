@@ -77,7 +77,8 @@ def test_every_corrector_option_instantiates(corrector):
         opts = {k: v for k, v in c.items() if k not in ("kind", "pooling")}
         assert make_corrector(c.kind, stats, **opts) is not None, name
     if corrector == "all":
-        assert set(cfg.corrector) == {"qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp"}
+        assert set(cfg.corrector) == {"qdrift", "qdrift_exact", "qdrift_plus", "ptqd", "d2dpm", "d2dpm_stochastic",
+                                      "cumcomp"}
 
 
 @pytest.mark.parametrize("group", ["eval", "logger", "calib", "experiment"])

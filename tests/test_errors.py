@@ -110,10 +110,11 @@ def test_qdrift_without_effect_on_stochastic_samplers_is_refused(stochastic, cap
     """rules.coefficients: no drift correction on stochastic samplers; bias removal, PTQD and D2DPM still act."""
     msg = refused([*TINY, *stochastic])
     assert "corrector.qdrift: Q-Drift's drift correction is off on stochastic samplers" in msg
-    for acting in (["corrector=ptqd"], ["corrector=d2dpm"], ["corrector.qdrift.bias_removal=true"]):
+    for acting in (["corrector=ptqd"], ["corrector=d2dpm"], ["corrector.qdrift.bias_removal=true"],
+                   ["corrector=qdrift_plus"]):
         with caplog.at_level(logging.WARNING, logger="qdrift"):
             validate(compose_cfg([*TINY, *stochastic, *acting]))
-    assert "only Q-Drift's bias removal acts" in caplog.text
+    assert "only Q-Drift's bias or mean removal acts" in caplog.text
 
 
 def test_ptq_seeds_must_not_overlap_evaluation_seeds():

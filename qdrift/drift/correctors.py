@@ -121,24 +121,44 @@ class Corrector(StepHook):
 
 
 class QDrift(Corrector):
-    """Q-Drift: per-step drift rescaling from V_i (mode "paper" or "exact"), optional bias removal."""
+    """Q-Drift: per-step drift rescaling from V_i (mode "paper" or "exact"), optional bias removal.
+
+    Beyond the paper (`qdrift_plus`, README "Beyond the paper"): `mean_removal` subtracts that fraction of
+    each step's mean error mu_e (per channel with channel pooling), the systematic part the drift rule
+    leaves alone, without E[e | u]'s slope, which shrinks outputs toward the pooled mean. mu_e is first
+    shrunk by its standard error over the calibration runs: removing an unresolved mean would add a
+    bias of its own, which the trajectory accumulates. `infeasible` picks what the exact rule does at
+    steps no sigma' can make exact (rules.INFEASIBLE).
+    """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
-                 drift_scale: float = 1.0, bias_removal: bool = False):
+                 drift_scale: float = 1.0, bias_removal: bool = False, mean_removal: float = 0.0,
+                 infeasible: str = "skip"):
         super().__init__(stats, layout)
         if drift_scale < 0:
             raise ValueError(f"drift_scale must be >= 0, got {drift_scale}")
+        if not 0 <= float(mean_removal) <= 1:
+            raise ValueError(f"mean_removal is the fraction of the mean error removed, in [0, 1], got {mean_removal}")
+        if bias_removal and mean_removal:
+            raise ValueError("bias_removal already removes the mean error (with E[e | u]'s slope): "
+                             "set mean_removal=0 with it")
         self.mode, self.drift_scale, self.bias_removal = mode, float(drift_scale), bool(bias_removal)
+        self.mean_removal, self.infeasible = float(mean_removal), infeasible
+        self.shrunk_mean = stats.shrunk_mean_error()
         if mode not in ("paper", "exact"):
             raise ValueError(f"unknown Q-Drift mode {mode!r}; choose 'paper' or 'exact'")
+        if infeasible != "skip" and mode != "exact":
+            raise ValueError(f"infeasible={infeasible!r} is a choice of the exact rule (mode=exact)")
 
     def step_coefficients(self, schedule: Schedule) -> Coefficients:
-        return coefficients(schedule, self.stats.residual_var, self.mode).scaled(self.drift_scale)
+        return coefficients(schedule, self.stats.residual_var, self.mode, self.infeasible).scaled(self.drift_scale)
 
     def transform_output(self, i, u):
-        if not self.bias_removal:
-            return u
-        return (u.float() - self._conditional_bias(i, u)).to(u.dtype)
+        if self.bias_removal:
+            return (u.float() - self._conditional_bias(i, u)).to(u.dtype)
+        if self.mean_removal:
+            return (u.float() - self.mean_removal * self._vec(self.shrunk_mean, i, u)).to(u.dtype)
+        return u
 
     def drift_factors(self) -> torch.Tensor:
         """c_i per step (and channel): the relative change of each step's update (for plots and logs)."""

@@ -26,6 +26,7 @@ from diffusers import (
 )
 
 MODES = ("paper", "exact")
+INFEASIBLE = ("skip", "closest")   # exact rule, a step no sigma' solves: leave it | land as close as it can
 
 
 @dataclass(frozen=True)
@@ -175,16 +176,19 @@ class Coefficients:
         return cls(one.clone(), torch.zeros_like(one), one.clone())
 
 
-def coefficients(schedule: Schedule, V: torch.Tensor, mode: str = "paper") -> Coefficients:
-    """Step coefficients for residual variance V (S, C) under `mode` (paper | exact)."""
+def coefficients(schedule: Schedule, V: torch.Tensor, mode: str = "paper", infeasible: str = "skip") -> Coefficients:
+    """Step coefficients for residual variance V (S, C) under `mode` (paper | exact); `infeasible` is the
+    exact rule's choice at steps where no sigma' preserves the marginal (skip | closest)."""
     if mode not in MODES:
         raise ValueError(f"unknown Q-Drift mode {mode!r}; choose one of {MODES}")
+    if infeasible not in INFEASIBLE:
+        raise ValueError(f"unknown infeasible-step handling {infeasible!r}; choose one of {INFEASIBLE}")
     if V.shape[0] != schedule.num_steps:
         raise ValueError(f"statistics have {V.shape[0]} steps, the sampler runs {schedule.num_steps}")
     V = V.double().clamp_min(0)
     if schedule.stochastic:
         return Coefficients.identity(*V.shape)  # stochastic samplers: bias removal only (method.md section 4)
-    return (_paper if mode == "paper" else _exact)(schedule, V)
+    return _paper(schedule, V) if mode == "paper" else _exact(schedule, V, infeasible)
 
 
 def _levels(schedule: Schedule):
@@ -215,16 +219,20 @@ def _paper(schedule: Schedule, V: torch.Tensor) -> Coefficients:
     return out
 
 
-def _exact(schedule: Schedule, V: torch.Tensor) -> Coefficients:
+def _exact(schedule: Schedule, V: torch.Tensor, infeasible: str = "skip") -> Coefficients:
     """Marginal-preserving rule (method.md section 7): land on sigma' with sigma'^2 + eta^2 = sigma_n^2,
     where eta^2 = (alpha_n - sigma' alpha_i / sigma_i)^2 W is the residual noise the step itself injects
-    (a quadratic in sigma'); steps where no sigma' >= 0 solves it stay uncorrected."""
+    (a quadratic in sigma'). Where no sigma' >= 0 solves it (late steps with a large W), "skip" leaves the
+    step uncorrected (method.md) and "closest" takes the sigma' that minimises sigma'^2 + eta^2, the
+    vertex of the quadratic: the smallest total variance the step can reach, still above sigma_n^2."""
     a_i, s_i, a_n, s_n = _levels(schedule)
     out = Coefficients.identity(*V.shape)
     W = x0_variance(schedule, V)
     rho = a_i / s_i
     disc = s_n**2 * (1 + rho**2 * W) - a_n**2 * W
     feasible = (disc >= 0) & (W > 0)
+    if infeasible == "closest":
+        feasible = W > 0
     s_new = (a_n * rho * W + disc.clamp_min(0).sqrt()) / (1 + rho**2 * W)
     s_new = torch.where(feasible, s_new, s_n.expand_as(s_new))
     if schedule.kind == "euler_a":

@@ -45,6 +45,16 @@ class DriftStatistics:
     pooling: str = "scalar"
     manifest: dict = field(default_factory=dict)
     pooled: "DriftStatistics | None" = field(default=None, repr=False)   # a channel fit's scalar fit (same runs)
+    mu_e_se: torch.Tensor | None = field(default=None, repr=False)      # standard error of mu_e over the runs
+
+    def shrunk_mean_error(self) -> torch.Tensor:
+        """mu_e shrunk toward zero by its standard error over runs (positive-part James-Stein,
+        mu_e * max(0, 1 - se^2 / mu_e^2)): a mean error the runs do not resolve is not removed, so
+        removing it cannot add a bias of its own. Zero without a standard error (K = 1)."""
+        if self.mu_e_se is None:
+            return torch.zeros_like(self.mu_e)
+        keep = (1 - self.mu_e_se**2 / (self.mu_e**2).clamp_min(1e-300)).clamp_min(0)
+        return self.mu_e * keep
 
     @property
     def num_steps(self) -> int:
@@ -86,6 +96,16 @@ def check_manifest(manifest: Mapping, expected: Mapping) -> None:
 
 def _norm(v):
     return round(float(v), 6) if isinstance(v, float) else v
+
+
+def _mean_error_se(records: torch.Tensor, pooling: str) -> torch.Tensor | None:
+    """Standard error of the pooled mean error from the spread of the runs' own means: positions within a
+    run are correlated, runs are independent. None for one run."""
+    if records.shape[0] < 2:
+        return None
+    means = moments.covariance(records)["mu_e"]               # (K, S) or (K, S, C)
+    se = (means.var(0) / records.shape[0]).sqrt()
+    return se[:, None] if pooling == "scalar" else se
 
 
 @dataclass
@@ -130,7 +150,7 @@ class CalibrationPool:
         manifest = dict(self.manifest, num_runs=len(index), runs=index.tolist(), pooling=pooling)
         pooled = self.fit(index.tolist(), "scalar") if pooling == "channel" else None
         return DriftStatistics(cov["mu_u"], cov["mu_e"], cov["s_uu"], cov["s_ee"], cov["s_ue"], pooling, manifest,
-                               pooled)
+                               pooled, _mean_error_se(records, pooling))
 
     def _run_index(self, runs) -> torch.Tensor:
         if runs is None:

@@ -95,9 +95,9 @@ class QuantError:
         return self.var_min + (self.var_max - self.var_min) * (1.0 - noise_level) ** self.power
 
 
-# The two regimes: pure noise (what Q-Drift models) and correlated + biased + the same noise (what PTQD,
-# D^2-DPM and cumulative compensation model).
-SETTINGS = {"noise": QuantError(), "correlated": QuantError(gain=0.02, bias=0.01)}
+# The regimes: pure noise (what Q-Drift models), correlated + biased + the same noise (what PTQD, D^2-DPM
+# and cumulative compensation model), and biased + the same noise (a systematic shift, no correlated part).
+SETTINGS = {"noise": QuantError(), "correlated": QuantError(gain=0.02, bias=0.01), "biased": QuantError(bias=0.01)}
 
 
 class ExactDenoiser:
@@ -167,7 +167,18 @@ def within_mode_std(x: torch.Tensor, data: Mixture) -> float:
     return float(dev.pow(2).mean().sqrt())
 
 
-VARIANTS = ("fp", "quant", "qdrift_paper", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp")
+VARIANTS = ("fp", "quant", "qdrift_paper", "qdrift_exact", "qdrift_plus", "ptqd", "d2dpm", "d2dpm_stochastic",
+            "cumcomp")
+
+
+def plus_options() -> dict:
+    """Q-Drift+'s settings as shipped (conf/corrector/qdrift_plus.yaml, tuned on the bench)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "corrector" / "qdrift_plus.yaml").qdrift_plus
+    return {k: v for k, v in OmegaConf.to_container(conf).items() if k not in ("kind", "pooling")}
 
 
 def correctors(pool, num_runs: int) -> dict:
@@ -176,6 +187,7 @@ def correctors(pool, num_runs: int) -> dict:
     return {
         "qdrift_paper": make_corrector("qdrift", scalar, mode="paper"),
         "qdrift_exact": make_corrector("qdrift", scalar, mode="exact"),
+        "qdrift_plus": make_corrector("qdrift", channel, **plus_options()),
         "ptqd": make_corrector("ptqd", channel),
         "d2dpm": make_corrector("d2dpm", scalar),
         "d2dpm_stochastic": make_corrector("d2dpm", scalar, variant="stochastic"),

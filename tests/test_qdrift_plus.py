@@ -1,0 +1,159 @@
+"""Q-Drift+ (README, "Beyond the paper"): the exact rule landing as close as it can at infeasible steps,
+mean-error removal, their validation, the tune prompt pool and the run's Optuna objective."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qdrift.config import ConfigError, validate
+from qdrift.drift import make_corrector, testbed
+from qdrift.drift.rules import _levels, coefficients, schedule_of, x0_variance
+from qdrift.prompts import TUNE_EXCLUDE, BenchPrompts, prompt_set, tune_captions
+
+from .conftest import compose_cfg
+from .test_correctors import gaussian_stats, linear_error, pool_of
+
+
+def _landing(kind: str, V: float, infeasible: str, steps: int = 20):
+    """(sigma' each step lands on, sigma_n, W, feasible) for a constant residual variance V."""
+    sch = testbed.scheduler_for(kind)
+    sch.set_timesteps(steps)
+    schedule = schedule_of(sch)
+    Vt = torch.full((steps, 1), V, dtype=torch.float64)
+    coef = coefficients(schedule, Vt, "exact", infeasible)
+    a_i, s_i, a_n, s_n = _levels(schedule)
+    k = (coef.p - 1) / -a_i                                    # p = 1 - k a_i
+    s_new = s_n + k * (a_n * s_i - a_i * s_n)
+    W = x0_variance(schedule, Vt)
+    rho = a_i / s_i
+    feasible = s_n**2 * (1 + rho**2 * W) - a_n**2 * W >= 0
+    return s_new, s_n, W, feasible, a_n, rho
+
+
+@pytest.mark.parametrize("kind", ["dpmpp", "ddim"])
+def test_closest_lands_at_the_smallest_reachable_variance_where_exact_skips(kind):
+    s_new, s_n, W, feasible, a_n, rho = _landing(kind, 0.5, "closest")
+    skip, *_ = _landing(kind, 0.5, "skip")
+    assert (~feasible).any() and feasible.any()                # the regime where the two differ
+    assert torch.allclose(s_new[feasible], skip[feasible])     # feasible steps: the exact rule itself
+    assert torch.equal(skip[~feasible], s_n[~feasible])        # exact skips the others ...
+    total = lambda s: s**2 + (a_n - s * rho) ** 2 * W          # noqa: E731 - variance x_n ends with
+    closest = total(s_new)[~feasible]
+    assert (closest < total(s_n)[~feasible]).all()             # ... closest lands nearer to sigma_n^2
+    assert (closest >= (s_n**2)[~feasible] - 1e-12).all()      # without undershooting it
+    for shift in (-1e-3, 1e-3):                                # and no sigma' does better
+        assert (total(s_new + shift)[~feasible] >= closest).all()
+
+
+def test_mean_removal_subtracts_that_fraction_of_the_resolved_mean_error_per_channel():
+    u_fp, e = linear_error(0.0, [0.2, -0.1, 0.05, 0.0], noise=0.05)
+    stats = pool_of(u_fp + e, e).fit(5, "channel")
+    shrunk = stats.shrunk_mean_error()
+    assert torch.allclose(shrunk[0, :3], stats.mu_e[0, :3], rtol=1e-3)   # resolved means stay
+    assert shrunk[0, 3].abs() < 0.5 * stats.mu_e[0, 3].abs()              # an unresolved one mostly goes
+    u = (u_fp + e)[:1].float()
+    half = make_corrector("qdrift", stats, mode="exact", mean_removal=0.5).transform_output(0, u)
+    assert torch.allclose(half, u - 0.5 * shrunk.float().view(1, 4, 1))
+    assert make_corrector("qdrift", stats).transform_output(0, u) is u   # the paper's rule is unchanged
+
+
+def test_the_mean_errors_standard_error_comes_from_the_spread_over_runs():
+    g = torch.Generator().manual_seed(3)
+    run_means = torch.tensor([0.3, -0.2, 0.1, 0.0, -0.2], dtype=torch.float64)   # zero mean over runs
+    e = run_means[:, None, None] + 0.01 * torch.randn(5, 1, 4096, generator=g, dtype=torch.float64)
+    u = torch.randn(5, 1, 4096, generator=g, dtype=torch.float64)
+    stats = pool_of(u, e).fit(5, "scalar")
+    expected = run_means.std() / 5**0.5                  # positions within a run do not count as independent
+    assert torch.allclose(stats.mu_e_se, expected.view(1, 1), rtol=0.02)
+    assert stats.shrunk_mean_error().abs().item() < 0.1 * expected
+    one = pool_of(u[:1], e[:1]).fit(1, "scalar")          # K = 1: nothing resolved, nothing removed
+    assert one.mu_e_se is None and torch.equal(one.shrunk_mean_error(), torch.zeros_like(one.mu_e))
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(mean_removal=1.5), "in \\[0, 1\\]"),
+    (dict(mean_removal=0.5, bias_removal=True), "already removes the mean"),
+    (dict(mode="paper", infeasible="closest"), "choice of the exact rule"),
+])
+def test_bad_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        make_corrector("qdrift", gaussian_stats(), **options)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["corrector.qdrift_plus.mean_removal=2"], "mean_removal must be a number in \\[0, 1\\]"),
+    (["corrector.qdrift_plus.infeasible=nearest"], "infeasible"),
+    (["corrector.qdrift_plus.mode=paper", "corrector.qdrift_plus.infeasible=closest"], "choice of the exact rule"),
+    (["eval.pool=train"], "eval.pool"),
+    (["+objective=qdrift_plus"], "needs eval.pool=tune"),
+    (["+objective=qdrift", "eval.pool=tune"], "must name one of this run's corrector variants"),
+])
+def test_config_refuses_bad_tuning_settings(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg(["corrector=qdrift_plus", *overrides]), inputs=False)
+
+
+def test_tune_pool_needs_bench_prompts():
+    with pytest.raises(ConfigError, match="needs eval.prompt_set=bench"):
+        validate(compose_cfg(["model=tiny_pixart", "eval=smoke", "+eval.pool=tune"]), inputs=False)
+
+
+def test_tune_pool_is_disjoint_from_evaluation_and_calibration_prompts():
+    from qdrift.bench import captions
+    from qdrift.bench.dataset import split_of
+
+    tune = tune_captions(300)
+    assert len(set(tune)) == 300 and all(split_of(c) == "calib" for c in tune)    # never evaluation captions
+    assert not set(tune) & set(captions("calib", TUNE_EXCLUDE))                     # nor calibration prompts
+    assert tune_captions(100) == tune[:100]                                          # a larger n extends it
+    split1 = BenchPrompts(start=100, pool="tune").eval_prompts(100)
+    assert split1 == list(tune[100:200])                                             # splits are disjoint
+    cfg = compose_cfg(["eval.pool=tune", "eval.num_prompts=50"])
+    assert prompt_set(cfg.eval).eval_prompts(50) == list(tune[:50])
+
+
+@pytest.mark.slow
+def test_optuna_sweep_tunes_on_the_tune_pool_and_minimises_the_fid_delta(tmp_path):
+    import json
+    import re
+
+    import yaml
+
+    from .test_scale_out import qdrift
+
+    out = qdrift(["-m", "experiment=tune_qdrift_plus", "quant=rtn_w4a8", "++quant.calib_prompts=2",
+                  "eval.num_prompts=4", "batch_size=2", "sampler.steps=3", "calib.num_runs=2", "calib.batch_size=2",
+                  "eval.num_resamples=50", "eval.kid_subset_size=2", "logger=none", "hydra.sweeper.n_trials=2",
+                  f"output_root={tmp_path}"])
+    trials = sorted(tmp_path.rglob("metrics.json"))
+    assert len(trials) == 2
+    deltas = []
+    for metrics in trials:
+        m = json.loads(metrics.read_text())
+        assert m["config"]["eval"]["pool"] == "tune" and m["config"]["objective"] == "qdrift_plus"
+        deltas.append(m["variants"]["qdrift_plus"]["fid_delta_vs_quant"])
+    (result,) = tmp_path.rglob("optimization_results.yaml")
+    best = yaml.safe_load(result.read_text())
+    assert best["best_value"] == min(deltas)
+    assert set(best["best_params"]) == {"corrector.qdrift_plus.drift_scale", "corrector.qdrift_plus.mean_removal"}
+    assert re.search(r"sweep: 2/2 jobs done \(0 failed\)", out.stdout + out.stderr)
+
+
+def test_gap_sources_split_a_runs_error_and_mark_infeasible_steps(run_tiny):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "gap_sources.py"
+    spec = importlib.util.spec_from_file_location("gap_sources", path)
+    gap = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gap)
+    _, run_dir = run_tiny(["corrector=qdrift_exact", "calib.num_runs=2", "calib.batch_size=2"])
+    out = gap.gap_sources(run_dir)
+    assert len(out["steps"]) == int(out["steps"][-1]["step"]) + 1 > 1
+    for s in out["steps"]:
+        assert s["V"] >= 0
+        assert all(0 <= s[k] <= 1 for k in ("mean_share", "slope_share", "noise_share"))
+    summary = __import__("json").loads((run_dir / "stats" / "summary.json").read_text())
+    exact = summary["drift_factors"]["qdrift_exact"]          # the exact rule leaves infeasible steps at 0
+    assert [s["step"] for s in out["steps"] if not s["exact_feasible"]] == [
+        i for i, f in enumerate(exact) if all(x == 0 for x in f)]
