@@ -135,7 +135,7 @@ def test_two_processes_share_the_work(tmp_path):
     """Two runs started together on one cache: each artifact is computed once, both finish alike."""
     env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     args = [sys.executable, "run.py", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=4", "batch_size=2",
-            "sampler.steps=3", *QUANT, "calib.num_runs=2", "logger=none", f"output_root={tmp_path}",
+            "sampler.steps=3", *QUANT, "calib.num_runs=2", "corrector=qdrift", "logger=none", f"output_root={tmp_path}",
             "hydra.verbose=qdrift"]   # image batches log their building at DEBUG
     procs = [subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]

@@ -134,14 +134,14 @@ def test_exported_drift_factors_are_the_correctors_own(tmp_path, one_thread, mod
     ctx, pool = _calibrate(tmp_path, "run", ["calib.num_runs=2", "corrector=all",
                                              "corrector.qdrift.pooling=channel"], model)
     summary = json.loads((ctx.run_dir / "stats" / "summary.json").read_text())
-    assert set(summary["drift_factors"]) == {"qdrift", "qdrift_exact"}
+    assert set(summary["drift_factors"]) == {"qdrift", "qdrift_exact", "qdrift_plus"}
     for name, spec in variants(ctx).items():
         if name not in summary["drift_factors"]:
             continue
         hook = corrector_for(ctx, name, spec, pool)
         call_pipeline(ctx, ctx.prompts[:1], [0], wrap_scheduler(ctx.base_scheduler, hook), output_type="latent")
         expected = hook.drift_factors().double()
-        assert expected.shape == (4, pool.num_channels if name == "qdrift" else 1)   # channel pooling: per channel
+        assert expected.shape == (4, pool.num_channels if name in ("qdrift", "qdrift_plus") else 1)   # channel pooling
         assert torch.equal(torch.tensor(summary["drift_factors"][name], dtype=torch.float64), expected), name
         assert expected.abs().max() > 0
     assert summary["drift_factors"]["qdrift"] != summary["drift_factors"]["qdrift_exact"]

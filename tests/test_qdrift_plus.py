@@ -157,3 +157,12 @@ def test_gap_sources_split_a_runs_error_and_mark_infeasible_steps(run_tiny):
     exact = summary["drift_factors"]["qdrift_exact"]          # the exact rule leaves infeasible steps at 0
     assert [s["step"] for s in out["steps"] if not s["exact_feasible"]] == [
         i for i, f in enumerate(exact) if all(x == 0 for x in f)]
+
+
+def test_sweep_folder_names_stay_short_and_distinct():
+    from qdrift.config import path_safe
+
+    assert path_safe("model=a/b,seed=1") == "model=a_b,seed=1"          # short names: only "/" changes
+    a = path_safe("x=1," * 60 + "corrector.qdrift_plus.drift_scale=1.0976270078546495")
+    b = path_safe("x=1," * 60 + "corrector.qdrift_plus.drift_scale=1.0976270078546496")
+    assert len(a) == len(b) == 120 and a != b and a[:109] == b[:109]    # they differ past the cut: the hash

@@ -55,7 +55,8 @@ def test_tiny_run_without_quantization_or_correction(run_tiny):
 
 def test_quantized_and_corrected_run_writes_statistics(run_tiny):
     metrics, run_dir = run_tiny(["quant=rtn_w4a8", "++quant.calib_prompts=2", "corrector=all"])
-    assert set(metrics["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact", "ptqd", "d2dpm", "d2dpm_stochastic", "cumcomp"}
+    assert set(metrics["variants"]) == {"fp", "quant", "qdrift", "qdrift_exact", "qdrift_plus", "ptqd", "d2dpm",
+                                        "d2dpm_stochastic", "cumcomp"}
     assert (run_dir / "stats/pool.safetensors").is_file()
     summary = json.loads((run_dir / "stats/summary.json").read_text())
     assert summary["num_runs"] == 2 and len(summary["residual_var_scalar"]) == 4
@@ -72,7 +73,7 @@ def test_second_identical_run_is_served_from_cache(run_tiny, monkeypatch):
 
 
 def test_resume_after_crash_gives_identical_metrics(run_tiny, tmp_path, monkeypatch):
-    overrides = ["quant=rtn_w4a8", "++quant.calib_prompts=2", "eval.num_prompts=6", "batch_size=2"]
+    overrides = ["quant=rtn_w4a8", "++quant.calib_prompts=2", "eval.num_prompts=6", "batch_size=2", "corrector=qdrift"]
     reference, ref_dir = run_tiny(overrides, cache=tmp_path / "cache_ref")
 
     saved = {"n": 0}
@@ -105,7 +106,7 @@ def test_resume_after_crash_gives_identical_metrics(run_tiny, tmp_path, monkeypa
 
 
 def test_sweep_over_k_reuses_pool_and_images(run_tiny, monkeypatch):
-    base = ["quant=rtn_w4a8", "++quant.calib_prompts=2", "calib.batch_size=2"]
+    base = ["quant=rtn_w4a8", "++quant.calib_prompts=2", "calib.batch_size=2", "corrector=qdrift"]
     run_tiny([*base, "calib.num_runs=2"])
     counter = CallCounter(monkeypatch)
     metrics, run_dir = run_tiny([*base, "calib.num_runs=3"])
@@ -193,8 +194,8 @@ def test_embedded_default_end_to_end_on_few_prompts(tmp_path):
     cfg = metrics["config"]
     assert (cfg["model"]["name"], cfg["quant"]["name"], cfg["quant"]["rank"], cfg["calib"]["num_runs"]) == \
         ("bench_dit", "svdquant_w3a4", 4, 5)
-    assert set(metrics["variants"]) == {"fp", "quant", "qdrift"}
-    for variant in ("fp", "quant", "qdrift"):
+    assert set(metrics["variants"]) == {"fp", "quant", "qdrift", "qdrift_plus"}   # corrector=default
+    for variant in ("fp", "quant", "qdrift", "qdrift_plus"):
         assert len(list((run_dir / "images" / variant).glob("*.png"))) == 16
     quant = metrics["variants"]["quant"]
     assert quant["psnr_vs_fp"] < 40 and quant["fid_vs_fp"] > 0       # really quantized: images differ from FP

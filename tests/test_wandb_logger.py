@@ -174,7 +174,7 @@ def test_offline_sweep_runs_are_grouped_tagged_with_step_history_and_local_image
     proc = subprocess.run([sys.executable, "run.py", "-m", "model=tiny_pixart", "eval=smoke", "eval.num_prompts=4",
                            "batch_size=2", "sampler.steps=3", "logger=wandb", "logger.mode=offline",
                            "logger.log_images=2", f"output_root={tmp_path}", "calib.num_runs=1,2", "quant=rtn_w4a8",
-                           "++quant.calib_prompts=2"], cwd=ROOT, env=env, capture_output=True, text=True)
+                           "++quant.calib_prompts=2", "corrector=qdrift"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = sorted(p.parent for p in tmp_path.rglob("metrics.json"))
     assert len(runs) == 2
