@@ -388,6 +388,9 @@ def merge(out: Path, parts: list[Path]) -> list[str]:
     """Bring the stages trained in copies of `out` (run side by side) back into `out`, with every invocation
     of each copy, failed ones included."""
     import shutil
+    missing = [str(d / REPORT_FILE) for d in (out, *parts) if not (d / REPORT_FILE).is_file()]
+    if missing:
+        raise SystemExit(f"--merge needs a training report in --out and in every part; missing: {missing}")
     base = json.loads((out / REPORT_FILE).read_text())
     merged, taken, files = dict(base, stages=dict(base["stages"])), [], []
     for part in parts:

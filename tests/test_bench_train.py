@@ -186,6 +186,8 @@ def test_stages_extended_side_by_side_merge_back(tiny, tmp_path):
     assert merged["stages"]["unet"] == before["stages"]["unet"]
     with pytest.raises(SystemExit, match="more than one"):     # the same stage from two copies
         script.main(["--merge", str(tmp_path / "dit"), str(tmp_path / "dit"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="missing"):          # not a copy of a weights folder
+        script.main(["--merge", str(tmp_path / "nowhere"), "--out", str(out)])
 
 
 def test_a_failed_stage_is_recorded_as_failed(tiny, tmp_path, monkeypatch):
