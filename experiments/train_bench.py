@@ -35,6 +35,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -387,7 +388,6 @@ RUNNERS = {"vae": stage_vae, "clip": stage_clip, "dit": lambda r: stage_generato
 def merge(out: Path, parts: list[Path]) -> list[str]:
     """Bring the stages trained in copies of `out` (run side by side) back into `out`, with every invocation
     of each copy, failed ones included."""
-    import shutil
     missing = [str(d / REPORT_FILE) for d in (out, *parts) if not (d / REPORT_FILE).is_file()]
     if missing:
         raise SystemExit(f"--merge needs a training report in --out and in every part; missing: {missing}")

@@ -144,7 +144,7 @@ class QDrift(Corrector):
                              "set mean_removal=0 with it")
         self.mode, self.drift_scale, self.bias_removal = mode, float(drift_scale), bool(bias_removal)
         self.mean_removal, self.infeasible = float(mean_removal), infeasible
-        self.shrunk_mean = stats.shrunk_mean_error()
+        self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
         if mode not in ("paper", "exact"):
             raise ValueError(f"unknown Q-Drift mode {mode!r}; choose 'paper' or 'exact'")
         if infeasible != "skip" and mode != "exact":
