@@ -8,7 +8,8 @@ The table is a sweep of ordinary runs; on a GPU, for example:
     python run.py -m model=bench_flow sampler=flow_euler,dpmpp quant=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8 \
         corrector=all eval.num_prompts=2000 device=cuda batch_size=250 logger=none
     python experiments/bench_table.py outputs/multirun > bench_table.md
-    python experiments/bench_table.py --deltas outputs/multirun     # one row per setting (README)
+    python experiments/bench_table.py --deltas outputs/multirun     # one row per setting
+    python experiments/bench_table.py --deltas --gaps outputs/multirun   # over replicates, compact (README)
 
 Replicates (`python run.py -m replicate=0,1,2 ...`, README "Replicates"): `--deltas` then gives one row per
 setting over its replicates: their number, the mean FID delta and the mean gap recovered
@@ -26,7 +27,8 @@ import sys
 from pathlib import Path
 
 from qdrift.conf import all_correctors
-from qdrift.report import has_replicates, load_runs, replicate_rows, setting_value, varying_keys
+from qdrift.report import (drop_reruns, has_replicates, load_runs, replicate_groups, replicate_rows, replicate_summary,
+                           setting_value, varying_keys)
 
 COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3 (± std)",
            "CLIP [95% CI]", "FID delta vs quant [95% CI]")
@@ -79,6 +81,30 @@ def delta_rows(metrics_file: Path, correctors: list[str]) -> list[str]:
     return out + [_delta(v.get(c, {})) for c in correctors]
 
 
+def gap_rows(runs: list, correctors: list[str]) -> tuple[list[str], list[list[str]]]:
+    """The README's compact view over replicates: per setting the mean FID of FP and quantized, then per
+    corrector its mean gap recovered with its 95% t-interval, in bold where the FID delta's t-interval
+    over replicates is below zero and marked "(worse)" where it is above zero."""
+    _, groups = replicate_groups(runs)
+    out = []
+    for _, members in groups:
+        cfg = members[0].config
+        s = replicate_summary(members, correctors)
+        row = [f"{cfg['model']['name']} / {sampler_label(cfg['sampler'])}, {cfg['sampler']['steps']}",
+               cfg["quant"]["name"], str(s["n"]), f"{s['fp']:.4f} / {s['quant']:.4f}"]
+        for c in correctors:
+            gap, delta = s[c]["gap"], s[c]["delta"]
+            if gap is None:
+                row.append("-")
+                continue
+            cell = f"{100 * gap[0]:+.0f} % [{100 * gap[1]:+.0f}, {100 * gap[2]:+.0f}]"
+            row.append(f"**{cell}**" if delta[2] < 0 else f"{cell} (worse)" if delta[1] > 0 else cell)
+        out.append(row)
+    out.sort(key=lambda r: (r[0], ["svdquant_w4a4", "svdquant_w3a4", "mixdq_w4a8"].index(r[1])
+                            if r[1] in ("svdquant_w4a4", "svdquant_w3a4", "mixdq_w4a8") else 9, r[1]))
+    return ["model / sampler, steps", "quant", "replicates", "FID fp / quant", *correctors], out
+
+
 def markdown(all_rows: list[list[str]], columns=COLUMNS) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(r) + " |" for r in all_rows]
@@ -93,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
                         "replicates of a setting are aggregated (mean and 95%% t-interval over replicates)")
     p.add_argument("--per-replicate", action="store_true",
                    help="with --deltas and replicates: also each replicate's row with its own paired CI")
+    p.add_argument("--gaps", action="store_true",
+                   help="with --deltas and replicates: one cell per corrector, its mean gap recovered [95%% t-CI], "
+                        "bold where the FID delta's CI over replicates is below zero, '(worse)' where above")
     args = p.parse_args(argv)
     files = sorted({f for root in args.roots for f in ([root / "metrics.json"] if (root / "metrics.json").is_file()
                                                        else root.rglob("metrics.json"))})
@@ -104,13 +133,15 @@ def main(argv: list[str] | None = None) -> int:
         correctors = [c for c in CORRECTOR_ORDER if c in found] + sorted(found - set(CORRECTOR_ORDER))
         # Keys that differ between the runs besides model, sampler and quantizer (K, a sweep's other keys)
         # get a column each, so two rows of a sweep never print alike.
-        runs = {r.path / "metrics.json": r for r in load_runs([f.parent for f in files])}
+        try:
+            runs = {r.path / "metrics.json": r for r in drop_reruns(load_runs([f.parent for f in files]))}
+        except ValueError as err:   # two runs that are one replicate of one setting, with different results
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        files = sorted(runs)
         if has_replicates(list(runs.values())):
-            try:
-                header, table = replicate_rows(list(runs.values()), args.per_replicate, correctors)
-            except ValueError as err:   # two runs that are one replicate of one setting
-                print(f"error: {err}", file=sys.stderr)
-                return 2
+            header, table = (gap_rows(list(runs.values()), correctors) if args.gaps else
+                             replicate_rows(list(runs.values()), args.per_replicate, correctors))
             print(markdown(table, header))
             return 0
         swept = [k for k in varying_keys(list(runs.values())) if k not in SETTING_KEYS

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The GPU bench table: every bench model and default sampler x {svdquant_w4a4, svdquant_w3a4, mixdq_w4a8}
-# x corrector=all (FP, quantized, Q-Drift paper/exact, PTQD, D^2-DPM), 2,000 prompts per variant.
+# x corrector=all (FP, quantized, every Q-Drift rule and peer), 2,000 prompts per variant, per replicate.
 #
 #   experiments/bench_table_sweep.sh OUT_ROOT [PART[:QUANT,...] ...]   PART: dit unet flow_euler flow_dpmpp
-#   python experiments/bench_table.py OUT_ROOT > bench_table.md
+#   python experiments/bench_table.py --deltas OUT_ROOT > bench_table.md
 #
-# Each part is one Hydra multirun, so its quantizers share the FP images through the cache
-# (PART:QUANT,... runs only those quantizers). Parts are queued round-robin on the visible GPUs,
-# each GPU working through its queue; CPU threads are split between the GPUs' processes.
-# PYTHON, PROMPTS (2000) and BATCH (250) can be set.
+# Each part and replicate is one Hydra multirun, so its quantizers share the FP images through the
+# cache (PART:QUANT,... runs only those quantizers). These jobs are queued round-robin on
+# JOBS_PER_GPU (1) slots per visible GPU, each slot working through its queue: the bench models
+# leave an H200 mostly idle, so several processes share one. CPU threads are split between the slots.
+# Resumable: run it again with the same OUT_ROOT and finished stages come from the cache.
+# PYTHON, PROMPTS (2000), BATCH (250), REPLICATES (0,1,2), JOBS_PER_GPU and DEADLINE (seconds since
+# the epoch: jobs still running then are stopped, their finished stages cached) can be set.
 set -uo pipefail
 root=${1:?usage: $0 OUT_ROOT [PART[:QUANT,...] ...]}
 shift
@@ -21,29 +24,40 @@ done
 py=${PYTHON:-python}
 ngpu=$($py -c 'import torch; print(torch.cuda.device_count())')
 (( ngpu > 0 )) || { echo "error: no GPU visible" >&2; exit 2; }
-threads=$(( $(nproc) / ngpu > 0 ? $(nproc) / ngpu : 1 ))
+per_gpu=${JOBS_PER_GPU:-1}
+(( per_gpu >= 1 )) || { echo "error: JOBS_PER_GPU must be >= 1" >&2; exit 2; }
+slots=$(( ngpu * per_gpu ))
+threads=$(( $(nproc) / slots > 0 ? $(nproc) / slots : 1 ))
+deadline=${DEADLINE:-$(( $(date +%s) + 7 * 86400 ))}
 mkdir -p "$root"
 
-run_part() {   # run_part GPU PART[:QUANTS]
-  local part=${2%%:*} quants=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8
+run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
+  local part=${2%%:*} quants=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8 left=$(( deadline - $(date +%s) ))
   [[ $2 == *:* ]] && quants=${2#*:}
-  echo "gpu $1: $part ($quants)"
+  (( left > 10 )) || { echo "skip $part replicate $3: deadline" >&2; return 1; }
+  echo "gpu $1: $part replicate $3 ($quants)"
   # shellcheck disable=SC2086  # the choice holds several overrides
-  CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=$threads $py run.py -m ${choice[$part]} quant="$quants" \
-    corrector=all eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" device=cuda logger=none \
-    output_root="$root/$part" hydra.sweep.dir="$root/$part/multirun" >> "$root/$part.log" 2>&1 \
-    || { echo "error: $part failed; see $root/$part.log" >&2; return 1; }
+  CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=$threads timeout "$left" $py run.py -m ${choice[$part]} \
+    quant="$quants" replicate="$3" corrector=all eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" \
+    device=cuda logger=none output_root="$root/$part" hydra.sweep.dir="$root/$part/multirun_r$3" \
+    >> "$root/${part}_r$3.log" 2>&1 \
+    || { echo "error: $part replicate $3 failed or was stopped; see $root/${part}_r$3.log" >&2; return 1; }
 }
 
-parts=("$@")
+jobs=()
+IFS=, read -ra reps <<< "${REPLICATES:-0,1,2}"
+for r in "${reps[@]}"; do for p in "$@"; do jobs+=("$p $r"); done; done
 pids=()
-for (( g = 0; g < ngpu; g++ )); do
+for (( k = 0; k < slots; k++ )); do
   ( status=0
-    for (( i = g; i < ${#parts[@]}; i += ngpu )); do run_part "$g" "${parts[$i]}" || status=1; done
+    for (( i = k; i < ${#jobs[@]}; i += slots )); do
+      read -r part rep <<< "${jobs[$i]}"
+      run_job $(( k / per_gpu )) "$part" "$rep" || status=1
+    done
     exit $status ) &
   pids+=($!)
 done
 status=0
 for pid in "${pids[@]}"; do wait "$pid" || status=1; done
-echo "table: $py experiments/bench_table.py $root"
+echo "table: $py experiments/bench_table.py --deltas $root"
 exit $status

@@ -326,10 +326,10 @@ def _validate_correctors(correctors) -> None:
             _number(c.get("drift_scale", 1.0), f"corrector.{name}.drift_scale", 0)
             _bool(c.get("bias_removal", False), f"corrector.{name}.bias_removal")
             _number(c.get("mean_removal", 0.0), f"corrector.{name}.mean_removal", 0, 1)
-            _choice(c.get("infeasible", "skip"), f"corrector.{name}.infeasible", INFEASIBLE)
-            _require(c.get("infeasible", "skip") == "skip" or c.get("mode", "paper") == "exact",
-                     f"corrector.{name}.infeasible={c.get('infeasible')} is a choice of the exact rule: set "
-                     f"corrector.{name}.mode=exact")
+            mode = c.get("mode", "paper")
+            _require(c.get("infeasible") in (None, *INFEASIBLE[mode]),
+                     f"corrector.{name}.infeasible={c.get('infeasible')!r} is not a choice of the {mode} rule "
+                     f"(corrector.{name}.mode); choose one of {list(INFEASIBLE[mode])}")
             _require(not (c.get("bias_removal", False) and c.get("mean_removal", 0.0)),
                      f"corrector.{name}: bias_removal already removes the mean error; set mean_removal=0 with it")
         if c.kind == "d2dpm":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -64,10 +65,11 @@ def image_grid(run_dir: Path, num_prompts: int, count: int = 6) -> bytes | None:
     return _png(fig)
 
 
-def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]]) -> bytes:
-    """Per setting (x) and corrector (bars): gap recovered in %, with the CI as error bars."""
+def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]], limit: float | None = None) -> bytes:
+    """Per setting (x) and corrector (bars): gap recovered in %, with the CI as error bars. `limit` (%)
+    bounds the y axis; a bar beyond it is cut at the edge and labelled with its value."""
     correctors = list(dict.fromkeys(c for g in gaps for c in g))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(labels) * max(1, len(correctors)) / 2), 3.2))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(4.0, 1.2 * len(labels) * max(1, len(correctors)) / 2)), 3.6))
     width = 0.8 / max(1, len(correctors))
     for j, c in enumerate(correctors):
         xs, ys, err = [], [], [[], []]
@@ -79,7 +81,15 @@ def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]])
             ys.append(val)
             err[0].append(max(0.0, val - lo))
             err[1].append(max(0.0, hi - val))
+        if limit is not None:
+            for x, y in zip(xs, ys):
+                if abs(y) > limit:
+                    ax.annotate(f"{y:+.0f}", (x, math.copysign(limit, y)), fontsize=5, ha="center",
+                                va="top" if y > 0 else "bottom", rotation=90)
+            ys = [max(-limit, min(limit, y)) for y in ys]
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=c)
+    if limit is not None:
+        ax.set_ylim(-limit, limit)
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)

@@ -148,7 +148,7 @@ def replicate_id(run: Run) -> tuple:
 def replicate_groups(runs: list[Run], strict: bool = True) -> tuple[list[str], list[tuple[list[str], list[Run]]]]:
     """(setting keys, [(setting values, its runs)]): runs grouped by every setting key but the replicate
     keys, in first-seen order. `strict`: two runs of one setting that are the same replicate are refused
-    (a rerun would count twice)."""
+    (a rerun would count twice; drop_reruns removes those with the same results)."""
     keys = [k for k in varying_keys(runs) if k not in REPLICATE_KEYS]
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
@@ -161,6 +161,24 @@ def replicate_groups(runs: list[Run], strict: bool = True) -> tuple[list[str], l
                 raise ValueError(f"{other.path} and {r.path} are the same replicate of one setting "
                                  f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}); keep one of them")
     return keys, [(list(values), members) for values, members in groups.items()]
+
+
+def drop_reruns(runs: list[Run]) -> list[Run]:
+    """The runs without reruns: a run that is the same replicate of one setting as an earlier one, with
+    the same FIDs (a resumed sweep's job run again from the cache), is dropped; one with other FIDs is refused."""
+    kept: dict[tuple, Run] = {}
+    for values, members in replicate_groups(runs, strict=False)[1]:
+        for r in members:
+            other = kept.setdefault((tuple(values), replicate_id(r)), r)
+            if other is not r and _fids(other) != _fids(r):
+                raise ValueError(f"{other.path} and {r.path} are the same replicate of one setting "
+                                 f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}) with different results; "
+                                 "keep one of them")
+    return [r for r in runs if any(r is k for k in kept.values())]
+
+
+def _fids(run: Run) -> dict:
+    return {v: m.get("fid") for v, m in run.variants.items()}
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -290,8 +308,7 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6, per_replic
     get the table over replicates (`<out>.replicates.md`; `per_replicate`: with each replicate's row)."""
     from qdrift import figures
 
-    runs = load_runs(paths)
-    replicate_groups(runs)   # refuses two runs that are the same replicate of one setting, before any file is written
+    runs = drop_reruns(load_runs(paths))   # refuses a differing copy of a replicate before any file is written
     header, rows = table_rows(runs)
     replicates = replicate_rows(runs, per_replicate) if has_replicates(runs) else None
     keys = varying_keys(runs)

@@ -111,12 +111,23 @@ def test_per_replicate_rows_show_each_paired_ci(tmp_path, capsys):
     assert "replicate=1 quant.seed=1 eval.split=1 seed=10000000 calib.seed=11000000 |" in lines[4]
 
 
-def test_one_replicate_twice_is_refused(tmp_path, capsys):
+def test_one_replicate_twice_with_other_results_is_refused(tmp_path, capsys):
     _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
     _replicate(tmp_path / "sweep" / "1_b", 1, -0.04)
     _replicate(tmp_path / "again" / "0_a", 1, -0.03)
     assert bench_table.main(["--deltas", str(tmp_path)]) == 2
     assert "are the same replicate of one setting" in capsys.readouterr().err
+
+
+def test_a_resumed_sweeps_rerun_of_a_replicate_counts_once(tmp_path, capsys):
+    """A sweep resumed with fewer jobs reruns a finished job from the cache under another job number:
+    the same replicate with the same results, one replicate in the table."""
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _replicate(tmp_path / "sweep" / "1_b", 1, -0.04)
+    _replicate(tmp_path / "sweep" / "0_b", 1, -0.04)
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 0
+    dit = next(line for line in capsys.readouterr().out.splitlines() if "bench_dit" in line)
+    assert "| 2 | 0.1000 | 0.2000 | -0.0300 [" in dit
 
 
 def test_runs_without_replicates_keep_the_plain_view(tmp_path):

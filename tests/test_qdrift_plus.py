@@ -7,7 +7,7 @@ import torch
 
 from qdrift.config import ConfigError, validate
 from qdrift.drift import make_corrector, testbed
-from qdrift.drift.rules import _levels, coefficients, schedule_of, x0_variance
+from qdrift.drift.rules import _levels, coefficients, feasible_steps, schedule_of, x0_variance
 from qdrift.prompts import TUNE_EXCLUDE, BenchPrompts, prompt_set, tune_captions
 
 from .conftest import compose_cfg
@@ -45,6 +45,24 @@ def test_closest_lands_at_the_smallest_reachable_variance_where_exact_skips(kind
         assert (total(s_new + shift)[~feasible] >= closest).all()
 
 
+@pytest.mark.parametrize("kind", ["dpmpp", "ddim", "euler", "flow_euler"])
+def test_paper_rule_on_feasible_steps_only_is_the_paper_rule_elsewhere(kind):
+    """The ablation `infeasible=skip` of the paper rule: unchanged on steps the exact rule can solve,
+    the plain sampler (p = 1, q = 0) on the others."""
+    sch = testbed.scheduler_for(kind)
+    sch.set_timesteps(20)
+    schedule = schedule_of(sch)
+    V = torch.linspace(0.01, 2.0, 20, dtype=torch.float64).unsqueeze(-1) ** 2    # growing late, as measured
+    paper, ablation = coefficients(schedule, V, "paper"), coefficients(schedule, V, "paper", "skip")
+    keep = feasible_steps(schedule, V)
+    assert keep.any() and (~keep).any()                       # the regime where the two differ
+    assert torch.equal(ablation.p[keep], paper.p[keep]) and torch.equal(ablation.q[keep], paper.q[keep])
+    assert (paper.p[~keep] != 1).any()                        # the paper rule does act there ...
+    assert (ablation.p[~keep] == 1).all() and (ablation.q[~keep] == 0).all()   # ... the ablation does not
+    exact = coefficients(schedule, V, "exact")
+    assert (exact.p[~keep] == 1).all()                        # the same steps the exact rule skips
+
+
 def test_mean_removal_subtracts_that_fraction_of_the_resolved_mean_error_per_channel():
     u_fp, e = linear_error(0.0, [0.2, -0.1, 0.05, 0.0], noise=0.05)
     stats = pool_of(u_fp + e, e).fit(5, "channel")
@@ -73,7 +91,8 @@ def test_the_mean_errors_standard_error_comes_from_the_spread_over_runs():
 @pytest.mark.parametrize("options, match", [
     (dict(mean_removal=1.5), "in \\[0, 1\\]"),
     (dict(mean_removal=0.5, bias_removal=True), "already removes the mean"),
-    (dict(mode="paper", infeasible="closest"), "choice of the exact rule"),
+    (dict(mode="paper", infeasible="closest"), "not a choice of the paper rule"),
+    (dict(mode="exact", infeasible="apply"), "not a choice of the exact rule"),
 ])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
@@ -83,7 +102,8 @@ def test_bad_options_are_refused(options, match):
 @pytest.mark.parametrize("overrides, match", [
     (["corrector.qdrift_plus.mean_removal=2"], "mean_removal must be a number in \\[0, 1\\]"),
     (["corrector.qdrift_plus.infeasible=nearest"], "infeasible"),
-    (["corrector.qdrift_plus.mode=paper", "corrector.qdrift_plus.infeasible=closest"], "choice of the exact rule"),
+    (["corrector.qdrift_plus.mode=paper", "corrector.qdrift_plus.infeasible=closest"], "not a choice of the paper rule"),
+    (["corrector.qdrift_plus.infeasible=apply"], "not a choice of the exact rule"),
     (["eval.pool=train"], "eval.pool"),
     (["+objective=qdrift_plus"], "needs eval.pool=tune"),
     (["+objective=qdrift", "eval.pool=tune"], "must name one of this run's corrector variants"),

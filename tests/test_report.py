@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -237,14 +238,19 @@ def test_report_without_any_raw_samples_says_so(tmp_path):
 
 
 def test_report_counts_a_run_once_and_refuses_a_copy_before_writing(tmp_path):
-    """A run named twice is one row; a copy of a run (the same replicate of one setting) is refused before
-    any output file is written, so no half-finished report is left behind."""
+    """A run named twice is one row, and so is a copy of a run with the same results (a resumed sweep's
+    rerun); a copy with other results is refused before any output file is written."""
     import shutil
 
     run = BENCH_RESULTS / "bench_dit_dpmpp_svdquant_w3a4"
     out = write_report([run, run, BENCH_RESULTS / "bench_unet_euler_mixdq_w4a8"], tmp_path / "once.html")
     assert out["md"].read_text().count("\n") == 2 + 2
-    shutil.copytree(run, tmp_path / "copy")
+    shutil.copytree(run, tmp_path / "copy")                 # a copy with the same results counts once
+    out = write_report([run, tmp_path / "copy"], tmp_path / "same.html")
+    assert out["md"].read_text().count("\n") == 2 + 1
+    metrics = json.loads((tmp_path / "copy" / "metrics.json").read_text())
+    metrics["variants"]["quant"]["fid"] += 0.01              # one with other results is refused
+    (tmp_path / "copy" / "metrics.json").write_text(json.dumps(metrics))
     with pytest.raises(ValueError, match="same replicate of one setting"):
         write_report([run, tmp_path / "copy"], tmp_path / "dup.html")
     assert not list(tmp_path.glob("dup.*"))

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,9 @@ def test_slurm_preset_sets_the_documented_resources():
 
 
 def test_sweep_monitor_counts_finished_and_failed_jobs(tmp_path):
+    (tmp_path / "0_earlier").mkdir()   # a job of an earlier sweep resumed into this folder: not this sweep's
+    (tmp_path / "0_earlier" / "status.json").write_text(json.dumps({"status": "done"}))
+    os.utime(tmp_path / "0_earlier" / "status.json", (time.time() - 600,) * 2)
     monitor = SweepMonitor(tmp_path, total=3)
     assert monitor.line().startswith("sweep: 0/3 jobs done (0 failed)")
     for name, status in (("0_a", "done"), ("1_b", "failed")):

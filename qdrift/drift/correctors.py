@@ -19,7 +19,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .hooks import StepHook
 from .layout import broadcastable, check_layout
-from .rules import Coefficients, Schedule, ancestral_noise_scale, coefficients, ddim_noise_std, schedule_of
+from .rules import (Coefficients, Schedule, ancestral_noise_scale, coefficients, ddim_noise_std, infeasible_choice,
+                    schedule_of)
 from .statistics import DriftStatistics, StatisticsMismatch
 
 
@@ -127,13 +128,13 @@ class QDrift(Corrector):
     each step's mean error mu_e (per channel with channel pooling), the systematic part the drift rule
     leaves alone, without E[e | u]'s slope, which shrinks outputs toward the pooled mean. mu_e is first
     shrunk by its standard error over the calibration runs: removing an unresolved mean would add a
-    bias of its own, which the trajectory accumulates. `infeasible` picks what the exact rule does at
-    steps no sigma' can make exact (rules.INFEASIBLE).
+    bias of its own, which the trajectory accumulates. `infeasible` picks what the rule does at steps no
+    sigma' can make exact (rules.INFEASIBLE; the paper rule's "skip" is an ablation).
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
                  drift_scale: float = 1.0, bias_removal: bool = False, mean_removal: float = 0.0,
-                 infeasible: str = "skip"):
+                 infeasible: str | None = None):
         super().__init__(stats, layout)
         if drift_scale < 0:
             raise ValueError(f"drift_scale must be >= 0, got {drift_scale}")
@@ -143,12 +144,8 @@ class QDrift(Corrector):
             raise ValueError("bias_removal already removes the mean error (with E[e | u]'s slope): "
                              "set mean_removal=0 with it")
         self.mode, self.drift_scale, self.bias_removal = mode, float(drift_scale), bool(bias_removal)
-        self.mean_removal, self.infeasible = float(mean_removal), infeasible
+        self.mean_removal, self.infeasible = float(mean_removal), infeasible_choice(mode, infeasible)
         self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
-        if mode not in ("paper", "exact"):
-            raise ValueError(f"unknown Q-Drift mode {mode!r}; choose 'paper' or 'exact'")
-        if infeasible != "skip" and mode != "exact":
-            raise ValueError(f"infeasible={infeasible!r} is a choice of the exact rule (mode=exact)")
 
     def step_coefficients(self, schedule: Schedule) -> Coefficients:
         return coefficients(schedule, self.stats.residual_var, self.mode, self.infeasible).scaled(self.drift_scale)

@@ -26,7 +26,22 @@ from diffusers import (
 )
 
 MODES = ("paper", "exact")
-INFEASIBLE = ("skip", "closest")   # exact rule, a step no sigma' solves: leave it | land as close as it can
+# What a rule does at steps where no sigma' preserves the marginal, per mode; the first is the default.
+# exact: leave the step | land as close as it can. paper: apply the authors' rule anyway | leave the step
+# (an ablation: the paper rule on the feasible steps only).
+INFEASIBLE = {"exact": ("skip", "closest"), "paper": ("apply", "skip")}
+
+
+def infeasible_choice(mode: str, infeasible: str | None) -> str:
+    """`infeasible` checked against `mode`'s choices; None gives the mode's default."""
+    if mode not in MODES:
+        raise ValueError(f"unknown Q-Drift mode {mode!r}; choose one of {MODES}")
+    choices = INFEASIBLE[mode]
+    if infeasible is None:
+        return choices[0]
+    if infeasible not in choices:
+        raise ValueError(f"infeasible={infeasible!r} is not a choice of the {mode} rule; choose one of {choices}")
+    return infeasible
 
 
 @dataclass(frozen=True)
@@ -176,19 +191,29 @@ class Coefficients:
         return cls(one.clone(), torch.zeros_like(one), one.clone())
 
 
-def coefficients(schedule: Schedule, V: torch.Tensor, mode: str = "paper", infeasible: str = "skip") -> Coefficients:
+def coefficients(schedule: Schedule, V: torch.Tensor, mode: str = "paper", infeasible: str | None = None) -> Coefficients:
     """Step coefficients for residual variance V (S, C) under `mode` (paper | exact); `infeasible` is the
-    exact rule's choice at steps where no sigma' preserves the marginal (skip | closest)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown Q-Drift mode {mode!r}; choose one of {MODES}")
-    if infeasible not in INFEASIBLE:
-        raise ValueError(f"unknown infeasible-step handling {infeasible!r}; choose one of {INFEASIBLE}")
+    choice at steps where no sigma' preserves the marginal (INFEASIBLE[mode], default its first)."""
+    infeasible = infeasible_choice(mode, infeasible)
     if V.shape[0] != schedule.num_steps:
         raise ValueError(f"statistics have {V.shape[0]} steps, the sampler runs {schedule.num_steps}")
     V = V.double().clamp_min(0)
     if schedule.stochastic:
         return Coefficients.identity(*V.shape)  # stochastic samplers: bias removal only (method.md section 4)
-    return _paper(schedule, V) if mode == "paper" else _exact(schedule, V, infeasible)
+    if mode == "exact":
+        return _exact(schedule, V, infeasible)
+    out = _paper(schedule, V)
+    if infeasible == "skip":
+        keep = feasible_steps(schedule, V)
+        out = Coefficients(torch.where(keep, out.p, 1.0), torch.where(keep, out.q, 0.0), torch.where(keep, out.out, 1.0))
+    return out
+
+
+def feasible_steps(schedule: Schedule, V: torch.Tensor) -> torch.Tensor:
+    """(S, C) bool: steps where some sigma' >= 0 keeps the marginal (the exact rule's quadratic has a root)."""
+    a_i, s_i, a_n, s_n = _levels(schedule)
+    W = x0_variance(schedule, V.double().clamp_min(0))
+    return s_n**2 * (1 + (a_i / s_i) ** 2 * W) - a_n**2 * W >= 0
 
 
 def _levels(schedule: Schedule):
@@ -219,7 +244,7 @@ def _paper(schedule: Schedule, V: torch.Tensor) -> Coefficients:
     return out
 
 
-def _exact(schedule: Schedule, V: torch.Tensor, infeasible: str = "skip") -> Coefficients:
+def _exact(schedule: Schedule, V: torch.Tensor, infeasible: str) -> Coefficients:
     """Marginal-preserving rule (method.md section 7): land on sigma' with sigma'^2 + eta^2 = sigma_n^2,
     where eta^2 = (alpha_n - sigma' alpha_i / sigma_i)^2 W is the residual noise the step itself injects
     (a quadratic in sigma'). Where no sigma' >= 0 solves it (late steps with a large W), "skip" leaves the
@@ -230,7 +255,7 @@ def _exact(schedule: Schedule, V: torch.Tensor, infeasible: str = "skip") -> Coe
     W = x0_variance(schedule, V)
     rho = a_i / s_i
     disc = s_n**2 * (1 + rho**2 * W) - a_n**2 * W
-    feasible = (disc >= 0) & (W > 0)
+    feasible = (disc >= 0) & (W > 0)            # feasible_steps, where the step has a residual at all
     if infeasible == "closest":
         feasible = W > 0
     s_new = (a_n * rho * W + disc.clamp_min(0).sqrt()) / (1 + rho**2 * W)
