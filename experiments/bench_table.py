@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -84,25 +85,33 @@ def delta_rows(metrics_file: Path, correctors: list[str]) -> list[str]:
 def gap_rows(runs: list, correctors: list[str]) -> tuple[list[str], list[list[str]]]:
     """The README's compact view over replicates: per setting the mean FID of FP and quantized, then per
     corrector its mean gap recovered with its 95% t-interval, in bold where the FID delta's t-interval
-    over replicates is below zero and marked "(worse)" where it is above zero."""
-    _, groups = replicate_groups(runs)
+    over replicates is below zero and marked "(worse)" where it is above zero. Setting keys besides
+    model, sampler and quantizer (K, a sweep's other keys) get a column each."""
+    keys, groups = replicate_groups(runs)
+    extra = [k for k in keys if k not in SETTING_KEYS and len({values[keys.index(k)] for values, _ in groups}) > 1]
+    quant_order = ["svdquant_w4a4", "svdquant_w3a4", "mixdq_w4a8"]
     out = []
-    for _, members in groups:
+    for values, members in groups:
         cfg = members[0].config
         s = replicate_summary(members, correctors)
         row = [f"{cfg['model']['name']} / {sampler_label(cfg['sampler'])}, {cfg['sampler']['steps']}",
-               cfg["quant"]["name"], str(s["n"]), f"{s['fp']:.4f} / {s['quant']:.4f}"]
+               cfg["quant"]["name"], *(values[keys.index(k)] for k in extra), str(s["n"]),
+               f"{s['fp']:.4f} / {s['quant']:.4f}" if None not in (s["fp"], s["quant"]) else "-"]
         for c in correctors:
             gap, delta = s[c]["gap"], s[c]["delta"]
             if gap is None:
                 row.append("-")
                 continue
-            cell = f"{100 * gap[0]:+.0f} % [{100 * gap[1]:+.0f}, {100 * gap[2]:+.0f}]"
-            row.append(f"**{cell}**" if delta[2] < 0 else f"{cell} (worse)" if delta[1] > 0 else cell)
+            cell = f"{100 * gap[0]:+.0f} %" + (f" [{100 * gap[1]:+.0f}, {100 * gap[2]:+.0f}]"
+                                                if math.isfinite(gap[1]) else "")
+            if delta is not None and delta[2] < 0:        # NaN bounds (one replicate) mark nothing
+                cell = f"**{cell}**"
+            elif delta is not None and delta[1] > 0:
+                cell += " (worse)"
+            row.append(cell)
         out.append(row)
-    out.sort(key=lambda r: (r[0], ["svdquant_w4a4", "svdquant_w3a4", "mixdq_w4a8"].index(r[1])
-                            if r[1] in ("svdquant_w4a4", "svdquant_w3a4", "mixdq_w4a8") else 9, r[1]))
-    return ["model / sampler, steps", "quant", "replicates", "FID fp / quant", *correctors], out
+    out.sort(key=lambda r: (r[0], quant_order.index(r[1]) if r[1] in quant_order else len(quant_order), r[1:]))
+    return ["model / sampler, steps", "quant", *extra, "replicates", "FID fp / quant", *correctors], out
 
 
 def markdown(all_rows: list[list[str]], columns=COLUMNS) -> str:
@@ -123,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --deltas and replicates: one cell per corrector, its mean gap recovered [95%% t-CI], "
                         "bold where the FID delta's CI over replicates is below zero, '(worse)' where above")
     args = p.parse_args(argv)
+    args.deltas |= args.gaps or args.per_replicate   # both are views of --deltas
     files = sorted({f for root in args.roots for f in ([root / "metrics.json"] if (root / "metrics.json").is_file()
                                                        else root.rglob("metrics.json"))})
     if not files:

@@ -25,10 +25,15 @@ py=${PYTHON:-python}
 ngpu=$($py -c 'import torch; print(torch.cuda.device_count())')
 (( ngpu > 0 )) || { echo "error: no GPU visible" >&2; exit 2; }
 per_gpu=${JOBS_PER_GPU:-1}
-(( per_gpu >= 1 )) || { echo "error: JOBS_PER_GPU must be >= 1" >&2; exit 2; }
+[[ $per_gpu =~ ^[0-9]+$ ]] && (( per_gpu >= 1 )) || { echo "error: JOBS_PER_GPU must be an integer >= 1, got '$per_gpu'" >&2; exit 2; }
+deadline=${DEADLINE:-$(( $(date +%s) + 7 * 86400 ))}
+[[ $deadline =~ ^[0-9]+$ ]] || { echo "error: DEADLINE is seconds since the epoch (date +%s), got '$deadline'" >&2; exit 2; }
+(( deadline > $(date +%s) )) || { echo "error: DEADLINE $deadline ($(date -d "@$deadline")) is already past" >&2; exit 2; }
+reps_arg=${REPLICATES:-0,1,2}
+[[ $reps_arg =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: REPLICATES is a comma-separated list of integers, got '$reps_arg'" >&2; exit 2; }
+mapfile -t reps < <(tr , '\n' <<< "$reps_arg" | awk '!seen[$0 + 0]++ { print $0 + 0 }')   # each replicate once
 slots=$(( ngpu * per_gpu ))
 threads=$(( $(nproc) / slots > 0 ? $(nproc) / slots : 1 ))
-deadline=${DEADLINE:-$(( $(date +%s) + 7 * 86400 ))}
 mkdir -p "$root"
 
 run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
@@ -37,22 +42,25 @@ run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
   (( left > 10 )) || { echo "skip $part replicate $3: deadline" >&2; return 1; }
   echo "gpu $1: $part replicate $3 ($quants)"
   # shellcheck disable=SC2086  # the choice holds several overrides
-  CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=$threads timeout "$left" $py run.py -m ${choice[$part]} \
+  # --foreground: run.py stays in this script's process group, so stopping the sweep stops it too.
+  CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=$threads timeout --foreground -k 60 "$left" $py run.py -m ${choice[$part]} \
     quant="$quants" replicate="$3" corrector=all eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" \
     device=cuda logger=none output_root="$root/$part" hydra.sweep.dir="$root/$part/multirun_r$3" \
     >> "$root/${part}_r$3.log" 2>&1 \
     || { echo "error: $part replicate $3 failed or was stopped; see $root/${part}_r$3.log" >&2; return 1; }
 }
 
+# Part-major order with slot k on GPU k mod ngpu: a part's replicates alternate between GPUs, so a heavy
+# part is not all on one GPU, and every GPU has a slot before any has two.
 jobs=()
-IFS=, read -ra reps <<< "${REPLICATES:-0,1,2}"
-for r in "${reps[@]}"; do for p in "$@"; do jobs+=("$p $r"); done; done
+for p in "$@"; do for r in "${reps[@]}"; do jobs+=("$p $r"); done; done
 pids=()
+trap 'trap - INT TERM; kill 0' INT TERM   # the slots and their runs share this process group
 for (( k = 0; k < slots; k++ )); do
   ( status=0
     for (( i = k; i < ${#jobs[@]}; i += slots )); do
       read -r part rep <<< "${jobs[$i]}"
-      run_job $(( k / per_gpu )) "$part" "$rep" || status=1
+      run_job $(( k % ngpu )) "$part" "$rep" || status=1
     done
     exit $status ) &
   pids+=($!)

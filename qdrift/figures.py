@@ -67,7 +67,8 @@ def image_grid(run_dir: Path, num_prompts: int, count: int = 6) -> bytes | None:
 
 def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]], limit: float | None = None) -> bytes:
     """Per setting (x) and corrector (bars): gap recovered in %, with the CI as error bars. `limit` (%)
-    bounds the y axis; a bar beyond it is cut at the edge and labelled with its value."""
+    bounds the y axis: a bar beyond it is cut at the edge and labelled with its value, without a
+    whisker, and whiskers stop at the edge."""
     correctors = list(dict.fromkeys(c for g in gaps for c in g))
     fig, ax = plt.subplots(figsize=(min(14.0, max(4.0, 1.2 * len(labels) * max(1, len(correctors)) / 2)), 3.6))
     width = 0.8 / max(1, len(correctors))
@@ -77,16 +78,18 @@ def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]],
             if g.get(c) is None:
                 continue
             val, lo, hi = (100 * x for x in g[c])
-            xs.append(i + (j - (len(correctors) - 1) / 2) * width)
+            x = i + (j - (len(correctors) - 1) / 2) * width
+            if limit is not None:
+                if abs(val) > limit:   # cut at the edge, labelled with its value, no whisker
+                    ax.annotate(f"{val:+.0f}", (x, math.copysign(0.97 * limit, val)), fontsize=6, ha="center",
+                                va="top" if val > 0 else "bottom", rotation=90,
+                                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+                    val = lo = hi = math.copysign(limit, val)
+                lo, hi = (max(-limit, min(limit, v)) if math.isfinite(v) else v for v in (lo, hi))
+            xs.append(x)
             ys.append(val)
-            err[0].append(max(0.0, val - lo))
-            err[1].append(max(0.0, hi - val))
-        if limit is not None:
-            for x, y in zip(xs, ys):
-                if abs(y) > limit:
-                    ax.annotate(f"{y:+.0f}", (x, math.copysign(limit, y)), fontsize=5, ha="center",
-                                va="top" if y > 0 else "bottom", rotation=90)
-            ys = [max(-limit, min(limit, y)) for y in ys]
+            err[0].append(max(0.0, val - lo) if math.isfinite(lo) else 0.0)
+            err[1].append(max(0.0, hi - val) if math.isfinite(hi) else 0.0)
         ax.bar(xs, ys, width, yerr=err, capsize=3, label=c)
     if limit is not None:
         ax.set_ylim(-limit, limit)

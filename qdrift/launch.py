@@ -75,8 +75,8 @@ class SweepProgress(Callback):
     """`sweep: 3/8 jobs done (0 failed), 0:12:04 elapsed, about 0:20:07 left` every
     QDRIFT_PROGRESS_INTERVAL seconds (default 30) in the launcher's log, whatever the launcher
     (basic, joblib, submitit local or Slurm): a job counts once the runner's status.json in its
-    directory says `done` or `failed`, written since the sweep started (a sweep dir reused by a resumed
-    sweep keeps the earlier jobs' folders). The estimate assumes the remaining jobs take as long as the finished ones did."""
+    directory says `done` or `failed`, written since the sweep started (a sweep folder reused by a
+    resumed sweep keeps the earlier jobs' folders). The estimate assumes the remaining jobs take as long as the finished ones did."""
 
     def __init__(self) -> None:
         self._stop = threading.Event()
@@ -102,18 +102,27 @@ class SweepProgress(Callback):
             self._thread.join()
 
 
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class SweepMonitor:
     def __init__(self, sweep_dir: Path, total: int):
         self.sweep_dir, self.total, self.start = sweep_dir, total, time.monotonic()
-        self.started = time.time() - 1.0   # file times: 1 s of slack for coarse file-system clocks
+        # Status files already there belong to an earlier sweep resumed into this folder; one counts
+        # again once rewritten. File times are compared with themselves, never with this machine's clock.
+        self.earlier = {p: _mtime(p) for p in sweep_dir.glob("*/status.json")}
         self.reported: tuple[int, int] | None = None
 
     def counts(self) -> tuple[int, int]:
-        """(done, failed) among this sweep's job directories (status written since it started)."""
+        """(done, failed) among this sweep's job directories."""
         done = failed = 0
         for status in self.sweep_dir.glob("*/status.json"):
             try:
-                if status.stat().st_mtime < self.started:   # a job of an earlier sweep in the same folder
+                if self.earlier.get(status) == _mtime(status):   # untouched since an earlier sweep
                     continue
                 state = json.loads(status.read_text()).get("status")
             except (OSError, ValueError):

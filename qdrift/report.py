@@ -164,21 +164,25 @@ def replicate_groups(runs: list[Run], strict: bool = True) -> tuple[list[str], l
 
 
 def drop_reruns(runs: list[Run]) -> list[Run]:
-    """The runs without reruns: a run that is the same replicate of one setting as an earlier one, with
-    the same FIDs (a resumed sweep's job run again from the cache), is dropped; one with other FIDs is refused."""
+    """The runs without reruns: a run that is the same replicate of one setting as an earlier one with
+    the same metrics, every variant's and every number (a resumed sweep's job run again from the cache),
+    is dropped, with a note on stderr; one with other metrics or variants is refused."""
     kept: dict[tuple, Run] = {}
     for values, members in replicate_groups(runs, strict=False)[1]:
         for r in members:
             other = kept.setdefault((tuple(values), replicate_id(r)), r)
-            if other is not r and _fids(other) != _fids(r):
+            if other is r:
+                continue
+            if _results(other) != _results(r):
                 raise ValueError(f"{other.path} and {r.path} are the same replicate of one setting "
-                                 f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}) with different results; "
-                                 "keep one of them")
+                                 f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}) with different variants or "
+                                 "metrics; keep one of them")
+            print(f"note: {r.path} repeats {other.path} (same replicate, same metrics): counted once", file=sys.stderr)
     return [r for r in runs if any(r is k for k in kept.values())]
 
 
-def _fids(run: Run) -> dict:
-    return {v: m.get("fid") for v, m in run.variants.items()}
+def _results(run: Run) -> str:
+    return json.dumps(run.variants, sort_keys=True)   # NaN is written as NaN, so equal runs compare equal
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:

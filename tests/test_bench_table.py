@@ -148,3 +148,23 @@ def test_report_has_the_table_over_replicates(tmp_path):
     assert "| 2 | 0.1000 | 0.2000 | -0.0300 [-0.1571, +0.0971] | +30 % [-97, +157] |" in table
     assert table.count("(paired)") == 4
     assert "Over replicates" in (tmp_path / "r.html").read_text()
+
+
+def test_gaps_view_marks_what_replicates(tmp_path, capsys):
+    """--gaps: one cell per corrector, bold where the FID delta's t-interval over replicates is below zero,
+    "(worse)" where above; one replicate prints its mean alone and marks nothing."""
+    for r, delta in enumerate((-0.02, -0.04, -0.03)):
+        _replicate(tmp_path / "a" / f"{r}_x", r, delta)
+    for r, delta in enumerate((0.020, 0.021, 0.022)):
+        _replicate(tmp_path / "b" / f"{r}_x", r, delta, model="bench_unet")
+    for r, delta in enumerate((0.01, -0.03)):
+        _replicate(tmp_path / "d" / f"{r}_x", r, delta, model="bench_tiny")
+    _replicate(tmp_path / "c" / "0_x", 0, -0.05, model="bench_flow")
+    assert bench_table.main(["--gaps", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| model / sampler, steps | quant | replicates | FID fp / quant | qdrift |"
+    row = {line.split(" / ")[0].strip("| "): line for line in lines[2:]}
+    assert row["bench_dit"].endswith("| 3 | 0.1000 / 0.2000 | **+30 % [+5, +55]** |")
+    assert row["bench_unet"].endswith("| 3 | 0.1000 / 0.2000 | -21 % [-23, -19] (worse) |")
+    assert row["bench_tiny"].endswith("| 2 | 0.1000 / 0.2000 | +10 % [-244, +264] |")   # CI spans zero
+    assert row["bench_flow"].endswith("| 1 | 0.1000 / 0.2000 | +50 % |")

@@ -2,18 +2,23 @@
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "bench_table_sweep.sh"
 
 
-def _fake_python(tmp_path: Path, gpus: int, fail_model: str = "") -> Path:
-    """Stands in for python: reports `gpus` devices and records every run.py call with its GPU."""
+def _fake_python(tmp_path: Path, gpus: int, fail_model: str = "", seconds: int = 0) -> Path:
+    """Stands in for python: reports `gpus` devices and records every run.py call with its GPU (each
+    taking `seconds`)."""
     fake = tmp_path / "python"
     fake.write_text(f"""#!/usr/bin/env bash
 if [[ $1 == -c ]]; then echo {gpus}; exit 0; fi
 echo "$CUDA_VISIBLE_DEVICES $OMP_NUM_THREADS ${{*:2}}" >> {tmp_path}/calls
+sleep {seconds}
 [[ -n "{fail_model}" && "$*" == *"model={fail_model}"* ]] && exit 1
 exit 0
 """)
@@ -57,20 +62,33 @@ def test_a_failed_part_does_not_stop_the_others(tmp_path):
 
 
 def test_replicates_are_jobs_of_their_own_spread_over_several_slots_per_gpu(tmp_path):
-    res = _sweep(tmp_path, _fake_python(tmp_path, 2), "dit", "unet", REPLICATES="0,1,2", JOBS_PER_GPU="2")
+    res = _sweep(tmp_path, _fake_python(tmp_path, 2), "dit", "unet", REPLICATES="0,1,2,1", JOBS_PER_GPU="2")
     assert res.returncode == 0, res.stderr
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert len(calls) == 6                                     # 2 parts x 3 replicates
+    assert len(calls) == 6                                     # 2 parts x 3 replicates (1 named twice, run once)
     for model in ("bench_dit", "bench_unet"):
-        reps = sorted(c.split("replicate=")[1].split()[0] for c in calls if f"model={model}" in c)
-        assert reps == ["0", "1", "2"]
-        dirs = {c.split("hydra.sweep.dir=")[1].split()[0] for c in calls if f"model={model}" in c}
-        assert len(dirs) == 3                                  # one multirun folder per replicate
-    assert {c.split()[0] for c in calls} == {"0", "1"}
+        mine = [c for c in calls if f"model={model}" in c]
+        assert sorted(c.split("replicate=")[1].split()[0] for c in mine) == ["0", "1", "2"]
+        assert len({c.split("hydra.sweep.dir=")[1].split()[0] for c in mine}) == 3   # a multirun folder each
+        assert {c.split()[0] for c in mine} == {"0", "1"}      # a part's replicates on both GPUs
     assert {int(c.split()[1]) for c in calls} == {max(1, len(os.sched_getaffinity(0)) // 4)}   # 4 slots
 
 
-def test_a_past_deadline_runs_nothing_and_says_so(tmp_path):
-    res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit", DEADLINE="1")
-    assert res.returncode == 1 and "deadline" in res.stderr
+@pytest.mark.parametrize("env, match", [
+    (dict(DEADLINE="1"), "already past"),
+    (dict(DEADLINE="tomorrow"), "seconds since the epoch"),
+    (dict(JOBS_PER_GPU="0"), "JOBS_PER_GPU must be an integer >= 1"),
+    (dict(JOBS_PER_GPU="abc"), "JOBS_PER_GPU must be an integer >= 1"),
+    (dict(REPLICATES="0 1"), "comma-separated list of integers"),
+    (dict(REPLICATES="0,,1"), "comma-separated list of integers"),
+])
+def test_bad_settings_fail_before_any_run(tmp_path, env, match):
+    res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit", **env)
+    assert res.returncode == 2 and match in res.stderr
     assert not (tmp_path / "calls").exists()
+
+
+def test_a_deadline_reached_between_jobs_skips_the_rest(tmp_path):
+    res = _sweep(tmp_path, _fake_python(tmp_path, 1, seconds=4), "dit", "unet", DEADLINE=str(int(time.time()) + 13))
+    assert res.returncode == 1 and "skip unet replicate 0: deadline" in res.stderr
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1

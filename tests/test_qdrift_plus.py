@@ -45,22 +45,26 @@ def test_closest_lands_at_the_smallest_reachable_variance_where_exact_skips(kind
         assert (total(s_new + shift)[~feasible] >= closest).all()
 
 
-@pytest.mark.parametrize("kind", ["dpmpp", "ddim", "euler", "flow_euler"])
+@pytest.mark.parametrize("kind", ["dpmpp", "ddim", "euler", "euler_a", "flow_euler"])
 def test_paper_rule_on_feasible_steps_only_is_the_paper_rule_elsewhere(kind):
-    """The ablation `infeasible=skip` of the paper rule: unchanged on steps the exact rule can solve,
-    the plain sampler (p = 1, q = 0) on the others."""
+    """The ablation `infeasible=feasible_only` of the paper rule: unchanged on the steps the exact rule
+    acts on, the plain sampler on the others."""
     sch = testbed.scheduler_for(kind)
     sch.set_timesteps(20)
     schedule = schedule_of(sch)
     V = torch.linspace(0.01, 2.0, 20, dtype=torch.float64).unsqueeze(-1) ** 2    # growing late, as measured
-    paper, ablation = coefficients(schedule, V, "paper"), coefficients(schedule, V, "paper", "skip")
+    paper, ablation = coefficients(schedule, V, "paper"), coefficients(schedule, V, "paper", "feasible_only")
     keep = feasible_steps(schedule, V)
     assert keep.any() and (~keep).any()                       # the regime where the two differ
-    assert torch.equal(ablation.p[keep], paper.p[keep]) and torch.equal(ablation.q[keep], paper.q[keep])
-    assert (paper.p[~keep] != 1).any()                        # the paper rule does act there ...
-    assert (ablation.p[~keep] == 1).all() and (ablation.q[~keep] == 0).all()   # ... the ablation does not
     exact = coefficients(schedule, V, "exact")
-    assert (exact.p[~keep] == 1).all()                        # the same steps the exact rule skips
+    acts = (exact.out != 1) if kind == "euler_a" else (exact.p != 1) | (exact.q != 0)
+    assert torch.equal(keep, acts)                            # exactly the steps the exact rule corrects
+    for name in ("p", "q", "out"):
+        a, b = getattr(ablation, name), getattr(paper, name)
+        assert torch.equal(a[keep], b[keep])                  # there: the paper rule itself
+        assert (a[~keep] == (0 if name == "q" else 1)).all()  # elsewhere: the plain sampler
+    moved = (paper.out if kind == "euler_a" else paper.p)[~keep]
+    assert (moved != 1).any()                                 # where the paper rule does act
 
 
 def test_mean_removal_subtracts_that_fraction_of_the_resolved_mean_error_per_channel():
@@ -93,6 +97,7 @@ def test_the_mean_errors_standard_error_comes_from_the_spread_over_runs():
     (dict(mean_removal=0.5, bias_removal=True), "already removes the mean"),
     (dict(mode="paper", infeasible="closest"), "not a choice of the paper rule"),
     (dict(mode="exact", infeasible="apply"), "not a choice of the exact rule"),
+    (dict(mode="paper", infeasible="skip"), "not a choice of the paper rule"),   # once the rule itself
 ])
 def test_bad_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):

@@ -89,9 +89,10 @@ def test_slurm_preset_sets_the_documented_resources():
 
 
 def test_sweep_monitor_counts_finished_and_failed_jobs(tmp_path):
-    (tmp_path / "0_earlier").mkdir()   # a job of an earlier sweep resumed into this folder: not this sweep's
-    (tmp_path / "0_earlier" / "status.json").write_text(json.dumps({"status": "done"}))
-    os.utime(tmp_path / "0_earlier" / "status.json", (time.time() - 600,) * 2)
+    for name in ("0_earlier", "1_rerun"):   # jobs of an earlier sweep resumed into this folder
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status.json").write_text(json.dumps({"status": "done"}))
+        os.utime(tmp_path / name / "status.json", (time.time() + 3600,) * 2)   # a file server's clock ahead
     monitor = SweepMonitor(tmp_path, total=3)
     assert monitor.line().startswith("sweep: 0/3 jobs done (0 failed)")
     for name, status in (("0_a", "done"), ("1_b", "failed")):
@@ -101,6 +102,8 @@ def test_sweep_monitor_counts_finished_and_failed_jobs(tmp_path):
     (tmp_path / "2_c" / "status.json").write_text(json.dumps({"status": "running"}))
     line = monitor.line()
     assert line.startswith("sweep: 2/3 jobs done (1 failed)") and "left" in line
+    os.utime(tmp_path / "1_rerun" / "status.json", (time.time() + 3700,) * 2)   # this sweep reran that job
+    assert monitor.line().startswith("sweep: 3/3 jobs done (1 failed)")
 
 
 @pytest.mark.slow

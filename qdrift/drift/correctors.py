@@ -129,7 +129,7 @@ class QDrift(Corrector):
     leaves alone, without E[e | u]'s slope, which shrinks outputs toward the pooled mean. mu_e is first
     shrunk by its standard error over the calibration runs: removing an unresolved mean would add a
     bias of its own, which the trajectory accumulates. `infeasible` picks what the rule does at steps no
-    sigma' can make exact (rules.INFEASIBLE; the paper rule's "skip" is an ablation).
+    sigma' can make exact (rules.INFEASIBLE; the paper rule's "feasible_only" is an ablation).
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",

@@ -27,9 +27,9 @@ from diffusers import (
 
 MODES = ("paper", "exact")
 # What a rule does at steps where no sigma' preserves the marginal, per mode; the first is the default.
-# exact: leave the step | land as close as it can. paper: apply the authors' rule anyway | leave the step
-# (an ablation: the paper rule on the feasible steps only).
-INFEASIBLE = {"exact": ("skip", "closest"), "paper": ("apply", "skip")}
+# exact: leave the step | land as close as it can. paper: apply the authors' rule anyway | feasible_only,
+# an ablation that leaves those steps (a name of its own: "skip" with the paper rule once meant the rule itself).
+INFEASIBLE = {"exact": ("skip", "closest"), "paper": ("apply", "feasible_only")}
 
 
 def infeasible_choice(mode: str, infeasible: str | None) -> str:
@@ -203,7 +203,7 @@ def coefficients(schedule: Schedule, V: torch.Tensor, mode: str = "paper", infea
     if mode == "exact":
         return _exact(schedule, V, infeasible)
     out = _paper(schedule, V)
-    if infeasible == "skip":
+    if infeasible == "feasible_only":
         keep = feasible_steps(schedule, V)
         out = Coefficients(torch.where(keep, out.p, 1.0), torch.where(keep, out.q, 0.0), torch.where(keep, out.out, 1.0))
     return out
