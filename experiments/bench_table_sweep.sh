@@ -42,7 +42,7 @@ run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
   (( left > 10 )) || { echo "skip $part replicate $3: deadline" >&2; return 1; }
   echo "gpu $1: $part replicate $3 ($quants)"
   # shellcheck disable=SC2086  # the choice holds several overrides
-  # --foreground: run.py stays in this script's process group, so stopping the sweep stops it too.
+  # --foreground: run.py stays in this script's process group (Ctrl-C reaches it); -k: killed if it ignores TERM.
   CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=$threads timeout --foreground -k 60 "$left" $py run.py -m ${choice[$part]} \
     quant="$quants" replicate="$3" corrector=all eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" \
     device=cuda logger=none output_root="$root/$part" hydra.sweep.dir="$root/$part/multirun_r$3" \
@@ -55,7 +55,8 @@ run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
 jobs=()
 for p in "$@"; do for r in "${reps[@]}"; do jobs+=("$p $r"); done; done
 pids=()
-trap 'trap - INT TERM; kill 0' INT TERM   # the slots and their runs share this process group
+# Stopping the sweep stops its runs: each slot's timeout passes the signal on to its run.py.
+trap 'trap - INT TERM; for p in "${pids[@]}"; do pkill -TERM -P "$p"; done; kill "${pids[@]}" 2> /dev/null' INT TERM
 for (( k = 0; k < slots; k++ )); do
   ( status=0
     for (( i = k; i < ${#jobs[@]}; i += slots )); do

@@ -92,3 +92,24 @@ def test_a_deadline_reached_between_jobs_skips_the_rest(tmp_path):
     res = _sweep(tmp_path, _fake_python(tmp_path, 1, seconds=4), "dit", "unet", DEADLINE=str(int(time.time()) + 13))
     assert res.returncode == 1 and "skip unet replicate 0: deadline" in res.stderr
     assert len((tmp_path / "calls").read_text().splitlines()) == 1
+
+
+def test_stopping_the_sweep_stops_its_runs(tmp_path):
+    fake = _fake_python(tmp_path, 2, seconds=300)
+    fake.write_text(fake.read_text().replace("sleep 300", f"echo $$ >> {tmp_path}/pids; exec sleep 300"))
+    env = {**os.environ, "PYTHON": str(fake), "REPLICATES": "0"}
+    sweep = subprocess.Popen(["bash", str(SCRIPT), str(tmp_path / "out"), "dit", "unet"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pids = tmp_path / "pids"
+    for _ in range(100):                                       # both GPUs' runs started
+        if pids.exists() and len(pids.read_text().split()) == 2:
+            break
+        time.sleep(0.1)
+    sweep.terminate()
+    assert sweep.wait(timeout=30) != 0
+    runs = [int(p) for p in pids.read_text().split()]
+    assert len(runs) == 2
+    time.sleep(1)
+    for pid in runs:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
