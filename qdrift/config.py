@@ -8,6 +8,7 @@ the runner again before it loads a model (tests and scripts call the runner dire
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import inspect
 import logging
@@ -53,6 +54,33 @@ OmegaConf.register_new_resolver("rank_label", lambda: "" if world().is_main else
 OmegaConf.register_new_resolver("rank_subdir", lambda d: d if world().is_main else None, replace=True)
 # `replicate` sets the four seeds of a replicate (conf/config.yaml): seed `offset` of replicate r's seed block.
 OmegaConf.register_new_resolver("replicate_seed", lambda r, offset=0: _replicate_seed(r, offset), replace=True)
+
+
+# `tuned` reads a corrector's hyperparameters tuned for the run's setting (conf/tuned.yaml).
+OmegaConf.register_new_resolver("tuned", lambda corrector, key, model=None, sampler=None, quant=None:
+                                tuned_value(corrector, key, model, sampler, quant), replace=True)
+
+
+@functools.lru_cache(maxsize=1)
+def tuned_table() -> dict:
+    path = Path(__file__).parent / "conf" / "tuned.yaml"
+    table = OmegaConf.to_container(OmegaConf.load(path))
+    for corrector, settings in table.items():
+        if not isinstance(settings, dict) or not isinstance(settings.get("default"), dict):
+            raise ConfigError(f"{path}: {corrector} needs a `default:` mapping of its tuned values")
+    return table
+
+
+def tuned_value(corrector: str, key: str, model=None, sampler=None, quant=None):
+    """`corrector`'s tuned `key` for the setting model/sampler/quant, or its default where not tuned."""
+    table = tuned_table()
+    if corrector not in table:
+        raise ConfigError(f"no tuned values for corrector {corrector!r} in conf/tuned.yaml; it has {sorted(table)}")
+    settings = table[corrector]
+    values = settings.get(f"{model}/{sampler}/{quant}", settings["default"])
+    if key not in values:
+        raise ConfigError(f"conf/tuned.yaml: {corrector} has no tuned {key!r} (has {sorted(values)})")
+    return values[key]
 
 
 def _replicate_seed(replicate, offset) -> int:

@@ -191,3 +191,34 @@ def test_sweep_folder_names_stay_short_and_distinct():
     a = path_safe("x=1," * 60 + "corrector.qdrift_plus.drift_scale=1.0976270078546495")
     b = path_safe("x=1," * 60 + "corrector.qdrift_plus.drift_scale=1.0976270078546496")
     assert len(a) == len(b) == 120 and a != b and a[:109] == b[:109]    # they differ past the cut: the hash
+
+
+def test_tuned_values_follow_the_setting_and_yield_to_the_command_line():
+    """conf/tuned.yaml: a tuned setting gets its own values, another its default; an override wins; the
+    resolved values are what the images' cache key holds."""
+    from qdrift.cache import plain
+    from qdrift.config import tuned_table
+
+    def spec(*overrides):
+        return plain(compose_cfg(["corrector=qdrift_plus", *overrides]).corrector)["qdrift_plus"]
+
+    table = tuned_table()["qdrift_plus"]
+    unet = spec("model=bench_unet", "quant=svdquant_w3a4")
+    assert (unet["drift_scale"], unet["mean_removal"]) == tuple(
+        table["bench_unet/euler/svdquant_w3a4"][k] for k in ("drift_scale", "mean_removal"))
+    other = spec("model=bench_unet", "quant=svdquant_w4a4")            # not tuned: the default
+    assert (other["drift_scale"], other["mean_removal"]) == (table["default"]["drift_scale"],
+                                                             table["default"]["mean_removal"])
+    assert unet != other                                             # so their images are cached apart
+    assert spec("model=bench_unet", "sampler=dpmpp", "quant=svdquant_w3a4")["mean_removal"] == \
+        table["default"]["mean_removal"]                             # the sampler is part of the setting
+    assert spec("model=bench_unet", "corrector.qdrift_plus.mean_removal=0.5")["mean_removal"] == 0.5
+
+
+def test_tuned_values_refuse_what_they_do_not_have():
+    from qdrift.config import tuned_value
+
+    with pytest.raises(ConfigError, match="no tuned values for corrector 'qdrift'"):
+        tuned_value("qdrift", "drift_scale")
+    with pytest.raises(ConfigError, match="no tuned 'eta'"):
+        tuned_value("qdrift_plus", "eta", "bench_dit", "dpmpp", "svdquant_w3a4")

@@ -172,13 +172,18 @@ VARIANTS = ("fp", "quant", "qdrift_paper", "qdrift_exact", "qdrift_plus", "ptqd"
 
 
 def plus_options() -> dict:
-    """Q-Drift+'s settings as shipped (conf/corrector/qdrift_plus.yaml, tuned on the bench)."""
+    """Q-Drift+'s settings as shipped (conf/corrector/qdrift_plus.yaml), with the tuned values of a setting
+    not tuned (conf/tuned.yaml's default): the testbed is none of the bench settings."""
     from pathlib import Path
 
     from omegaconf import OmegaConf
 
+    from qdrift.config import tuned_value
+
     conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "corrector" / "qdrift_plus.yaml").qdrift_plus
-    return {k: v for k, v in OmegaConf.to_container(conf).items() if k not in ("kind", "pooling")}
+    raw = OmegaConf.to_container(conf, resolve=False)
+    return {k: tuned_value("qdrift_plus", k) if isinstance(v, str) and v.startswith("${tuned:") else v
+            for k, v in raw.items() if k not in ("kind", "pooling")}
 
 
 def correctors(pool, num_runs: int) -> dict:
