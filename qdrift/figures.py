@@ -65,6 +65,18 @@ def image_grid(run_dir: Path, num_prompts: int, count: int = 6) -> bytes | None:
     return _png(fig)
 
 
+def clipped_bar(val: float, lo: float, hi: float, limit: float | None) -> tuple[float, float, float, str]:
+    """(value, low, high, label) of a bar drawn within +-limit: a value beyond it is cut at the edge,
+    without a whisker, and labelled with itself; whiskers stop at the edge; NaN bounds stay NaN."""
+    if limit is None:
+        return val, lo, hi, ""
+    if abs(val) > limit:
+        edge = math.copysign(limit, val)
+        return edge, edge, edge, f"{val:+.0f}"
+    lo, hi = (max(-limit, min(limit, v)) if math.isfinite(v) else v for v in (lo, hi))
+    return val, lo, hi, ""
+
+
 def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]], limit: float | None = None) -> bytes:
     """Per setting (x) and corrector (bars): gap recovered in %, with the CI as error bars. `limit` (%)
     bounds the y axis: a bar beyond it is cut at the edge and labelled with its value, without a
@@ -77,15 +89,12 @@ def gap_recovered_figure(labels: list[str], gaps: list[dict[str, tuple | None]],
         for i, g in enumerate(gaps):
             if g.get(c) is None:
                 continue
-            val, lo, hi = (100 * x for x in g[c])
             x = i + (j - (len(correctors) - 1) / 2) * width
-            if limit is not None:
-                if abs(val) > limit:   # cut at the edge, labelled with its value, no whisker
-                    ax.annotate(f"{val:+.0f}", (x, math.copysign(0.97 * limit, val)), fontsize=6, ha="center",
-                                va="top" if val > 0 else "bottom", rotation=90,
-                                bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
-                    val = lo = hi = math.copysign(limit, val)
-                lo, hi = (max(-limit, min(limit, v)) if math.isfinite(v) else v for v in (lo, hi))
+            val, lo, hi, label = clipped_bar(*(100 * v for v in g[c]), limit)
+            if label:
+                ax.annotate(label, (x, math.copysign(0.97 * limit, val)), fontsize=6, ha="center",
+                            va="top" if val > 0 else "bottom", rotation=90,
+                            bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
             xs.append(x)
             ys.append(val)
             err[0].append(max(0.0, val - lo) if math.isfinite(lo) else 0.0)

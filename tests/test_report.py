@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -254,3 +255,16 @@ def test_report_counts_a_run_once_and_refuses_a_copy_before_writing(tmp_path):
     with pytest.raises(ValueError, match="same replicate of one setting"):
         write_report([run, tmp_path / "copy"], tmp_path / "dup.html")
     assert not list(tmp_path.glob("dup.*"))
+
+
+def test_a_bar_beyond_the_axis_limit_is_cut_and_labelled():
+    from qdrift.figures import clipped_bar, gap_recovered_figure
+
+    assert clipped_bar(-3642.0, -6268.0, -1015.0, 100) == (-100.0, -100.0, -100.0, "-3642")   # no whisker
+    assert clipped_bar(30.0, -92.0, 152.0, 100) == (30.0, -92.0, 100.0, "")                   # whisker stops
+    val, lo, hi, label = clipped_bar(17.0, math.nan, math.nan, 100)                           # one replicate
+    assert (val, label) == (17.0, "") and math.isnan(lo) and math.isnan(hi)
+    assert clipped_bar(-3642.0, -6268.0, -1015.0, None) == (-3642.0, -6268.0, -1015.0, "")
+    png = gap_recovered_figure(["a", "b"], [{"qdrift": (-36.42, -62.68, -10.15)}, {"qdrift": (0.17, math.nan, math.nan)}],
+                               limit=100)
+    assert png.startswith(b"\x89PNG")
