@@ -56,11 +56,6 @@ OmegaConf.register_new_resolver("rank_subdir", lambda d: d if world().is_main el
 OmegaConf.register_new_resolver("replicate_seed", lambda r, offset=0: _replicate_seed(r, offset), replace=True)
 
 
-# `tuned` reads a corrector's hyperparameters tuned for the run's setting (conf/tuned.yaml).
-OmegaConf.register_new_resolver("tuned", lambda corrector, key, model=None, sampler=None, quant=None:
-                                tuned_value(corrector, key, model, sampler, quant), replace=True)
-
-
 @functools.lru_cache(maxsize=1)
 def tuned_table() -> dict:
     path = Path(__file__).parent / "conf" / "tuned.yaml"
@@ -81,6 +76,10 @@ def tuned_value(corrector: str, key: str, model=None, sampler=None, quant=None):
     if key not in values:
         raise ConfigError(f"conf/tuned.yaml: {corrector} has no tuned {key!r} (has {sorted(values)})")
     return values[key]
+
+
+# `tuned` reads a corrector's hyperparameters tuned for the run's setting (conf/tuned.yaml).
+OmegaConf.register_new_resolver("tuned", tuned_value, replace=True)
 
 
 def _replicate_seed(replicate, offset) -> int:

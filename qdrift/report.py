@@ -178,7 +178,8 @@ def drop_reruns(runs: list[Run]) -> list[Run]:
                                  f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}) with different variants or "
                                  "metrics; keep one of them")
             print(f"note: {r.path} repeats {other.path} (same replicate, same metrics): counted once", file=sys.stderr)
-    return [r for r in runs if any(r is k for k in kept.values())]
+    keep = {id(r) for r in kept.values()}
+    return [r for r in runs if id(r) in keep]
 
 
 def _results(run: Run) -> str:

@@ -178,12 +178,11 @@ def plus_options() -> dict:
 
     from omegaconf import OmegaConf
 
-    from qdrift.config import tuned_value
+    from qdrift.config import tuned_table
 
     conf = OmegaConf.load(Path(__file__).parents[1] / "conf" / "corrector" / "qdrift_plus.yaml").qdrift_plus
-    raw = OmegaConf.to_container(conf, resolve=False)
-    return {k: tuned_value("qdrift_plus", k) if isinstance(v, str) and v.startswith("${tuned:") else v
-            for k, v in raw.items() if k not in ("kind", "pooling")}
+    options = {k: v for k, v in OmegaConf.to_container(conf).items() if k not in ("kind", "pooling")}
+    return options | tuned_table()["qdrift_plus"]["default"]
 
 
 def correctors(pool, num_runs: int) -> dict:
