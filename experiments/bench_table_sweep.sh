@@ -10,8 +10,9 @@
 # JOBS_PER_GPU (1) slots per visible GPU, each slot working through its queue: the bench models
 # leave an H200 mostly idle, so several processes share one. CPU threads are split between the slots.
 # Resumable: run it again with the same OUT_ROOT and finished stages come from the cache.
-# PYTHON, PROMPTS (2000), BATCH (250), REPLICATES (0,1,2), JOBS_PER_GPU and DEADLINE (seconds since
-# the epoch: jobs still running then are stopped, their finished stages cached) can be set.
+# PYTHON, PROMPTS (2000), BATCH (250), REPLICATES (0,1,2), CORRECTORS (all, or a Hydra list such as
+# [qdrift_plus,ptqd]), JOBS_PER_GPU and DEADLINE (seconds since the epoch: jobs still running then are
+# stopped, their finished stages cached) can be set.
 set -uo pipefail
 root=${1:?usage: $0 OUT_ROOT [PART[:QUANT,...] ...]}
 shift
@@ -44,7 +45,7 @@ run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
   # shellcheck disable=SC2086  # the choice holds several overrides
   # --foreground: run.py stays in this script's process group (Ctrl-C reaches it); -k: killed if it ignores TERM.
   CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=$threads timeout --foreground -k 60 "$left" $py run.py -m ${choice[$part]} \
-    quant="$quants" replicate="$3" corrector=all eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" \
+    quant="$quants" replicate="$3" corrector="${CORRECTORS:-all}" eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" \
     device=cuda logger=none output_root="$root/$part" hydra.sweep.dir="$root/$part/multirun_r$3" \
     >> "$root/${part}_r$3.log" 2>&1 \
     || { echo "error: $part replicate $3 failed or was stopped; see $root/${part}_r$3.log" >&2; return 1; }

@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Summarise an Optuna tuning sweep (experiment=tune_qdrift_plus): its trials, the best one, and whether
+the setting gets values of its own in conf/tuned.yaml.
+
+    python run.py -m experiment=tune_qdrift_plus model=bench_unet quant=svdquant_w4a4 ...
+    python experiments/tune_summary.py outputs/multirun/DATE/TIME_xxxx [--yaml]
+
+The rule (README, "Beyond the paper"): a setting gets the best trial's values only when that trial's
+paired 95% CI of the FID delta on the tune pool lies below zero; otherwise its best trial cannot be told
+from noise and the setting keeps the default. `--yaml` prints the conf/tuned.yaml entry, or nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PARAMS = ("drift_scale", "mean_removal")
+
+
+def trials(sweep: Path, corrector: str) -> list[dict]:
+    """One row per finished trial (a job folder with metrics.json), in job order."""
+    rows = []
+    for m in sweep.glob("*/metrics.json"):
+        result = json.loads(m.read_text())
+        cfg, v = result["config"], result["variants"].get(corrector)
+        if v is None or "fid_delta_vs_quant" not in v:
+            raise ValueError(f"{m}: no FID delta for {corrector!r} (not a tuning run of it?)")
+        if cfg["eval"].get("pool") != "tune":
+            raise ValueError(f"{m}: evaluated on eval.pool={cfg['eval'].get('pool')!r}; tuning uses the tune pool only")
+        rows.append({
+            "job": int(m.parent.name.split("_", 1)[0]),
+            "setting": f"{cfg['model']['name']}/{cfg['sampler']['name']}/{cfg['quant']['name']}",
+            "prompts": result["num_prompts"],
+            **{k: cfg["corrector"][corrector][k] for k in PARAMS},
+            "delta": v["fid_delta_vs_quant"], "low": v["fid_delta_ci_low"], "high": v["fid_delta_ci_high"],
+            "fid_fp": result["variants"]["fp"]["fid"], "fid_quant": result["variants"]["quant"]["fid"],
+        })
+    if not rows:
+        raise FileNotFoundError(f"{sweep}: no finished trials (*/metrics.json)")
+    settings = {r["setting"] for r in rows}
+    if len(settings) > 1:
+        raise ValueError(f"{sweep}: trials of several settings {sorted(settings)}; summarise one sweep at a time")
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def decision(rows: list[dict]) -> dict | None:
+    """The best trial (lowest FID delta) if its CI lies below zero, else None (keep the default)."""
+    best = min(rows, key=lambda r: r["delta"])
+    return best if best["high"] < 0 else None
+
+
+def markdown(rows: list[dict], corrector: str) -> str:
+    r0, best, chosen = rows[0], min(rows, key=lambda r: r["delta"]), decision(rows)
+    lines = [f"{corrector} tuning on {r0['setting']}: {len(rows)} trials, {r0['prompts']} tune-pool prompts "
+             f"(FP FID {r0['fid_fp']:.4f}, quantized {r0['fid_quant']:.4f})", "",
+             "| trial | " + " | ".join(PARAMS) + " | FID delta vs quant [paired 95% CI] |",
+             "|---|" + "---|" * len(PARAMS) + "---|"]
+    for r in rows:
+        mark = " **best**" if r is best else ""
+        lines.append(f"| {r['job']} | " + " | ".join(f"{r[k]:.2f}" for k in PARAMS)
+                     + f" | {r['delta']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]{mark} |")
+    lines.append("")
+    lines.append(f"Decision: {'ship trial ' + str(chosen['job']) + ' (its CI lies below zero)' if chosen else 'keep the default (the best trial is not distinguishable from zero)'}.")
+    return "\n".join(lines)
+
+
+def yaml_entry(rows: list[dict]) -> str:
+    chosen = decision(rows)
+    if chosen is None:
+        return ""
+    return (f"  {chosen['setting']}:   # {len(rows)} trials, {chosen['prompts']} tune prompts: "
+            f"{chosen['delta']:+.4f} [{chosen['low']:+.4f}, {chosen['high']:+.4f}]\n"
+            + "".join(f"    {k}: {chosen[k]:.2f}\n" for k in PARAMS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("sweep", type=Path, help="the tuning sweep's folder (one job folder per trial)")
+    ap.add_argument("--corrector", default="qdrift_plus")
+    ap.add_argument("--yaml", action="store_true", help="print the conf/tuned.yaml entry (nothing if the default stays)")
+    args = ap.parse_args(argv)
+    try:
+        rows = trials(args.sweep, args.corrector)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(yaml_entry(rows) if args.yaml else markdown(rows, args.corrector), end="" if args.yaml else "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
