@@ -57,17 +57,23 @@ def main() -> None:
     rows = [r for d in sorted(p for p in out.iterdir() if p.is_dir())
             if (r := row(d, out / f"{d.name}.overhead.json", efficiency))]
     (out / "real_size.json").write_text(json.dumps({"rows": rows, "efficiency_per_gpu": efficiency}, indent=2))
-    print("| setting | card | px, steps | batch | s/img FP / quant / Q-Drift | peak GiB | quantize s | "
-          "calibrate K=5 s | Q-Drift per step | row GPU-h (1 GPU) | row wall h (8 GPUs) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| setting | card | px, steps | batch | prompts | s/img FP / quant / Q-Drift | peak GiB | quantize s | "
+             "calibrate K=5 s | Q-Drift per step | row GPU-h (1 GPU) | row wall h (8 GPUs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         s = r["s_per_image"]
         oh = r.get("qdrift_overhead_per_step")
-        print(f"| {r['setting']} | {r['gpu']} | {r['resolution']}, {r['steps']} | {r['batch_size']} | "
-              f"{fmt(s['fp'], '.3f')} / {fmt(s['quant'], '.3f')} / {fmt(s['qdrift'], '.3f')} | "
-              f"{fmt(r['peak_gpu_memory_gib'], '.1f')} | {fmt(r['quantize_s'], '.0f')} | {fmt(r['calibrate_s'], '.1f')} | "
-              f"{fmt(None if oh is None else 100 * oh, '.3f')} % | {fmt(r['row_gpu_hours_1'])} | "
-              f"{fmt(r.get('row_wall_hours_8'))} |")
+        lines.append(
+            f"| {r['setting']} | {r['gpu']} | {r['resolution']}, {r['steps']} | {r['batch_size']} | {r['prompts']} | "
+            f"{fmt(s['fp'], '.3f')} / {fmt(s['quant'], '.3f')} / {fmt(s['qdrift'], '.3f')} | "
+            f"{fmt(r['peak_gpu_memory_gib'], '.1f')} | {fmt(r['quantize_s'], '.0f')} | {fmt(r['calibrate_s'], '.1f')} | "
+            f"{fmt(None if oh is None else 100 * oh, '.3f')} % | {fmt(r['row_gpu_hours_1'])} | "
+            f"{fmt(r.get('row_wall_hours_8'))} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

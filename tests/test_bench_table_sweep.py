@@ -49,6 +49,13 @@ def test_parts_are_queued_round_robin_on_the_gpus(tmp_path):
     assert threads == {max(1, len(os.sched_getaffinity(0)) // 2)}   # nproc split between 2 GPUs
 
 
+def test_correctors_can_be_chosen(tmp_path):
+    res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit:svdquant_w3a4", CORRECTORS="[qdrift_plus,ptqd]")
+    assert res.returncode == 0, res.stderr
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert "quant=svdquant_w3a4 replicate=0 corrector=[qdrift_plus,ptqd] eval.num_prompts=40" in call
+
+
 def test_unknown_part_fails_before_any_run(tmp_path):
     res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit", "unet_xl")
     assert res.returncode == 2 and "unknown part 'unet_xl'" in res.stderr

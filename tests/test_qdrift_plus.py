@@ -206,10 +206,11 @@ def test_tuned_values_follow_the_setting_and_yield_to_the_command_line():
     unet = spec("model=bench_unet", "quant=svdquant_w3a4")
     assert (unet["drift_scale"], unet["mean_removal"]) == tuple(
         table["bench_unet/euler/svdquant_w3a4"][k] for k in ("drift_scale", "mean_removal"))
-    other = spec("model=bench_unet", "quant=svdquant_w4a4")            # not tuned: the default
+    other = spec("model=bench_flow", "quant=svdquant_w3a4")            # not tuned: the default
     assert (other["drift_scale"], other["mean_removal"]) == (table["default"]["drift_scale"],
                                                              table["default"]["mean_removal"])
     assert unet != other                                             # so their images are cached apart
+    assert "bench_unet/dpmpp/svdquant_w3a4" not in table
     assert spec("model=bench_unet", "sampler=dpmpp", "quant=svdquant_w3a4")["mean_removal"] == \
         table["default"]["mean_removal"]                             # the sampler is part of the setting
     assert spec("model=bench_unet", "corrector.qdrift_plus.mean_removal=0.5")["mean_removal"] == 0.5

@@ -1,0 +1,59 @@
+"""experiments/tune_summary.py: a tuning sweep's trials, and whether its setting gets values of its own."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import tune_summary  # noqa: E402
+
+
+def _trial(sweep: Path, job: int, scale: float, removal: float, delta: float, half: float, pool="tune",
+           model="bench_unet") -> None:
+    d = sweep / f"{job}_corrector.qdrift_plus.drift_scale={scale}"
+    d.mkdir(parents=True)
+    cfg = {"model": {"name": model}, "sampler": {"name": "euler"}, "quant": {"name": "svdquant_w3a4"},
+           "eval": {"pool": pool}, "corrector": {"qdrift_plus": {"drift_scale": scale, "mean_removal": removal}}}
+    variants = {"fp": {"fid": 0.005}, "quant": {"fid": 0.03},
+                "qdrift_plus": {"fid": 0.03 + delta, "fid_delta_vs_quant": delta,
+                                "fid_delta_ci_low": delta - half, "fid_delta_ci_high": delta + half}}
+    (d / "metrics.json").write_text(json.dumps({"config": cfg, "variants": variants, "num_prompts": 300}))
+
+
+def test_the_best_trial_ships_only_when_its_ci_lies_below_zero(tmp_path, capsys):
+    _trial(tmp_path, 0, 1.10, 0.72, -0.002, 0.003)
+    _trial(tmp_path, 1, 0.85, 0.65, -0.007, 0.004)     # best, CI [-0.011, -0.003]
+    _trial(tmp_path, 10, 0.14, 0.09, -0.003, 0.001)    # below zero too, but not the best
+    rows = tune_summary.trials(tmp_path, "qdrift_plus")
+    assert [r["job"] for r in rows] == [0, 1, 10]      # job order, not name order
+    assert tune_summary.decision(rows)["job"] == 1
+    assert tune_summary.main([str(tmp_path), "--yaml"]) == 0
+    entry = capsys.readouterr().out
+    assert entry.startswith("  bench_unet/euler/svdquant_w3a4:") and "drift_scale: 0.85\n" in entry \
+        and "mean_removal: 0.65\n" in entry
+    assert tune_summary.main([str(tmp_path)]) == 0
+    assert "ship trial 1" in capsys.readouterr().out
+
+
+def test_a_best_trial_not_told_from_noise_keeps_the_default(tmp_path, capsys):
+    _trial(tmp_path, 0, 1.10, 0.72, -0.002, 0.003)
+    _trial(tmp_path, 1, 0.85, 0.65, -0.004, 0.005)     # best, but its CI straddles zero
+    _trial(tmp_path, 2, 0.14, 0.09, -0.001, 0.0005)    # significant, but worse than the best
+    assert tune_summary.decision(tune_summary.trials(tmp_path, "qdrift_plus")) is None
+    assert tune_summary.main([str(tmp_path), "--yaml"]) == 0
+    assert capsys.readouterr().out == ""
+    tune_summary.main([str(tmp_path)])
+    assert "keep the default" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no finished trials"),
+    (lambda p: _trial(p, 0, 1.0, 0.5, -0.01, 0.001, pool="eval"), "tuning uses the tune pool only"),
+    (lambda p: (_trial(p, 0, 1.0, 0.5, -0.01, 0.001), _trial(p, 1, 1.0, 0.5, -0.01, 0.001, model="bench_dit")),
+     "trials of several settings"),
+])
+def test_what_is_not_one_tuning_sweep_is_refused(tmp_path, capsys, make, message):
+    make(tmp_path)
+    assert tune_summary.main([str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
