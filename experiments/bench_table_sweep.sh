@@ -33,6 +33,9 @@ deadline=${DEADLINE:-$(( $(date +%s) + 7 * 86400 ))}
 reps_arg=${REPLICATES:-0,1,2}
 [[ $reps_arg =~ ^[0-9]+(,[0-9]+)*$ ]] || { echo "error: REPLICATES is a comma-separated list of integers, got '$reps_arg'" >&2; exit 2; }
 mapfile -t reps < <(tr , '\n' <<< "$reps_arg" | awk '!seen[$0 + 0]++ { print $0 + 0 }')   # each replicate once
+correctors=${CORRECTORS:-all}   # one option, or a Hydra list: a bare a,b would sweep one job per corrector
+[[ $correctors =~ ^[a-z0-9_]+$ || $correctors =~ ^\[[a-z0-9_]+(,[a-z0-9_]+)*\]$ ]] || {
+  echo "error: CORRECTORS is one corrector option or a list [a,b,...], got '$correctors'" >&2; exit 2; }
 slots=$(( ngpu * per_gpu ))
 threads=$(( $(nproc) / slots > 0 ? $(nproc) / slots : 1 ))
 mkdir -p "$root"
@@ -45,7 +48,7 @@ run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
   # shellcheck disable=SC2086  # the choice holds several overrides
   # --foreground: run.py stays in this script's process group (Ctrl-C reaches it); -k: killed if it ignores TERM.
   CUDA_VISIBLE_DEVICES=$1 OMP_NUM_THREADS=$threads timeout --foreground -k 60 "$left" $py run.py -m ${choice[$part]} \
-    quant="$quants" replicate="$3" corrector="${CORRECTORS:-all}" eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" \
+    quant="$quants" replicate="$3" corrector="$correctors" eval.num_prompts="${PROMPTS:-2000}" batch_size="${BATCH:-250}" \
     device=cuda logger=none output_root="$root/$part" hydra.sweep.dir="$root/$part/multirun_r$3" \
     >> "$root/${part}_r$3.log" 2>&1 \
     || { echo "error: $part replicate $3 failed or was stopped; see $root/${part}_r$3.log" >&2; return 1; }

@@ -6,39 +6,58 @@ the setting gets values of its own in conf/tuned.yaml.
     python experiments/tune_summary.py outputs/multirun/DATE/TIME_xxxx [--yaml]
 
 The rule (README, "Beyond the paper"): a setting gets the best trial's values only when that trial's
-paired 95% CI of the FID delta on the tune pool lies below zero; otherwise its best trial cannot be told
-from noise and the setting keeps the default. `--yaml` prints the conf/tuned.yaml entry, or nothing.
+paired 95% CI of the FID delta on the tune pool lies below zero; otherwise the setting keeps the default.
+The best of many trials is picked on the prompts its CI comes from, so that CI is optimistic (no
+correction for the number of trials): the evaluation replicates, on other prompts, are the test.
+`--yaml` prints the conf/tuned.yaml entry, or nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 PARAMS = ("drift_scale", "mean_removal")
 
 
-def trials(sweep: Path, corrector: str) -> list[dict]:
-    """One row per finished trial (a job folder with metrics.json), in job order."""
-    rows = []
-    for m in sweep.glob("*/metrics.json"):
+def trial(m: Path, corrector: str) -> dict:
+    """One finished trial's row from its metrics.json (ValueError naming the file if it is not one)."""
+    try:
         result = json.loads(m.read_text())
         cfg, v = result["config"], result["variants"].get(corrector)
         if v is None or "fid_delta_vs_quant" not in v:
-            raise ValueError(f"{m}: no FID delta for {corrector!r} (not a tuning run of it?)")
+            raise ValueError(f"no FID delta for {corrector!r} (not a tuning run of it?)")
         if cfg["eval"].get("pool") != "tune":
-            raise ValueError(f"{m}: evaluated on eval.pool={cfg['eval'].get('pool')!r}; tuning uses the tune pool only")
-        rows.append({
+            raise ValueError(f"evaluated on eval.pool={cfg['eval'].get('pool')!r}; tuning uses the tune pool only")
+        return {
             "job": int(m.parent.name.split("_", 1)[0]),
             "setting": f"{cfg['model']['name']}/{cfg['sampler']['name']}/{cfg['quant']['name']}",
             "prompts": result["num_prompts"],
-            **{k: cfg["corrector"][corrector][k] for k in PARAMS},
+            **{k: float(cfg["corrector"][corrector][k]) for k in PARAMS},
             "delta": v["fid_delta_vs_quant"], "low": v["fid_delta_ci_low"], "high": v["fid_delta_ci_high"],
             "fid_fp": result["variants"]["fp"]["fid"], "fid_quant": result["variants"]["quant"]["fid"],
-        })
+        }
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{m}: not a finished run's metrics ({type(e).__name__}: {e})") from e
+    except ValueError as e:   # also int() of a folder name that is not a job number
+        raise ValueError(f"{m}: {e}") from e
+
+
+def trials(sweep: Path, corrector: str) -> list[dict]:
+    """One row per finished trial (a job folder with metrics.json), in job order; trials whose FID delta or
+    CI is not a finite number (a diverged run) are left out with a note, never taken for the best."""
+    rows = []
+    for m in sweep.glob("*/metrics.json"):
+        row = trial(m, corrector)
+        if all(math.isfinite(row[k]) for k in ("delta", "low", "high")):
+            rows.append(row)
+        else:
+            print(f"note: {m}: FID delta {row['delta']} [{row['low']}, {row['high']}] is not finite; left out",
+                  file=sys.stderr)
     if not rows:
-        raise FileNotFoundError(f"{sweep}: no finished trials (*/metrics.json)")
+        raise FileNotFoundError(f"{sweep}: no finished trials (*/metrics.json) with a finite FID delta")
     settings = {r["setting"] for r in rows}
     if len(settings) > 1:
         raise ValueError(f"{sweep}: trials of several settings {sorted(settings)}; summarise one sweep at a time")

@@ -359,6 +359,9 @@ def _validate_correctors(correctors) -> None:
                      f"(corrector.{name}.mode); choose one of {list(INFEASIBLE[mode])}")
             _require(not (c.get("bias_removal", False) and c.get("mean_removal", 0.0)),
                      f"corrector.{name}: bias_removal already removes the mean error; set mean_removal=0 with it")
+            _require(not (c.get("bias_removal", False) and c.get("infeasible") == "shrink"),
+                     f"corrector.{name}: bias_removal already removes E[e | u]'s slope at every step; "
+                     "infeasible=shrink adds nothing")
         if c.kind == "d2dpm":
             _choice(c.get("variant", "deterministic"), f"corrector.{name}.variant", D2DPM_VARIANTS)
             _seed(c.get("seed", 0), f"corrector.{name}.seed")

@@ -84,6 +84,8 @@ def test_replicates_are_jobs_of_their_own_spread_over_several_slots_per_gpu(tmp_
 @pytest.mark.parametrize("env, match", [
     (dict(DEADLINE="1"), "already past"),
     (dict(DEADLINE="tomorrow"), "seconds since the epoch"),
+    (dict(CORRECTORS="qdrift_plus,ptqd"), "CORRECTORS is one corrector option or a list"),
+    (dict(CORRECTORS="[qdrift_plus;ls]"), "CORRECTORS is one corrector option or a list"),
     (dict(JOBS_PER_GPU="0"), "JOBS_PER_GPU must be an integer >= 1"),
     (dict(JOBS_PER_GPU="abc"), "JOBS_PER_GPU must be an integer >= 1"),
     (dict(REPLICATES="0 1"), "comma-separated list of integers"),

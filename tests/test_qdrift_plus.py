@@ -8,6 +8,7 @@ import torch
 from qdrift.config import ConfigError, validate
 from qdrift.drift import make_corrector, testbed
 from qdrift.drift.rules import _levels, coefficients, feasible_steps, schedule_of, x0_variance
+from qdrift.drift.statistics import DriftStatistics
 from qdrift.prompts import TUNE_EXCLUDE, BenchPrompts, prompt_set, tune_captions
 
 from .conftest import compose_cfg
@@ -67,6 +68,78 @@ def test_paper_rule_on_feasible_steps_only_is_the_paper_rule_elsewhere(kind):
     assert (moved != 1).any()                                 # where the paper rule does act
 
 
+@pytest.mark.parametrize("kind", ["dpmpp", "flow_euler", "euler", "euler_a"])
+def test_shrink_removes_the_slope_of_e_given_u_only_where_no_sigma_is_exact(kind):
+    """`infeasible=shrink`: the exact rule's steps and coefficients as with `skip`; on the output, at the
+    infeasible steps and channels only, E[e | u]'s slope (pooled over channels) comes off; the mean
+    removal stays per channel, as everywhere."""
+    # u = u_fp + e, e independent of u_fp with variance r growing late, differently per channel.
+    r = torch.linspace(0.1, 2.0, 20, dtype=torch.float64).unsqueeze(-1) ** 2 * torch.tensor([1.0, 1.0, 0.5, 0.2])
+    full = lambda v: torch.as_tensor(v, dtype=torch.float64).expand(20, 4).clone()   # noqa: E731
+    rs = r.mean(1, keepdim=True)                                  # the fit pooled over channels
+    pooled = DriftStatistics(torch.full((20, 1), 0.3, dtype=torch.float64), torch.full((20, 1), 0.04, dtype=torch.float64),
+                             1.2 + rs, rs, 0.9 * rs)
+    stats = DriftStatistics(full(0.2), full([0.2, -0.1, 0.05, 0.0]), 1 + r, r, r.clone(), pooling="channel",
+                            mu_e_se=full(1e-3), pooled=pooled)
+    sch = testbed.scheduler_for(kind)
+    sch.set_timesteps(20)
+    plain = make_corrector("qdrift", stats, mode="exact", infeasible="skip", mean_removal=0.3)
+    shrink = make_corrector("qdrift", stats, mode="exact", infeasible="shrink", mean_removal=0.3)
+    plain.prepare(sch), shrink.prepare(sch)
+    for name in ("p", "q", "out"):
+        assert torch.equal(getattr(plain.coef, name), getattr(shrink.coef, name))   # same drift everywhere
+    where = ~feasible_steps(schedule_of(sch), stats.residual_var)
+    assert where.any() and (~where).any() and not where.all(dim=1).equal(where.any(dim=1))  # some steps in part
+    u = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    for i in range(20):
+        a, b = plain.transform_output(i, u), shrink.transform_output(i, u)
+        slope, mu_u = pooled.regression_slope[i].float(), pooled.mu_u[i].float()   # one slope per step
+        expected = a - where[i].view(1, 4, 1) * slope * (u - mu_u)
+        assert torch.allclose(b, expected, atol=1e-6)
+        assert torch.equal(a[:, ~where[i]], b[:, ~where[i]])      # feasible channels: untouched, bit for bit
+
+
+def test_qdrift_plus_shrink_runs_through_the_runner_and_differs_only_by_its_last_steps(run_tiny):
+    """corrector=qdrift_plus_shrink: Q-Drift+'s tuned values with infeasible=shrink. The last step (sigma_n
+    = 0) is never feasible, so its images differ from Q-Drift+'s."""
+    import numpy as np
+    from PIL import Image
+
+    metrics, run_dir = run_tiny(["corrector=[qdrift_plus,qdrift_plus_shrink]"])
+    cfg = metrics["config"]["corrector"]
+    assert cfg["qdrift_plus_shrink"] == {**cfg["qdrift_plus"], "infeasible": "shrink"}
+    assert {"qdrift_plus", "qdrift_plus_shrink"} <= set(metrics["variants"])
+    pick = lambda v: np.asarray(Image.open(run_dir / "images" / v / "0.png"), dtype=np.int16)   # noqa: E731
+    assert np.abs(pick("qdrift_plus") - pick("qdrift_plus_shrink")).max() > 0
+
+
+def test_shrink_leaves_ddim_with_its_own_noise_alone():
+    """DDIM with eta > 0 runs no drift rule, so no infeasible-step choice either: mean removal only."""
+    from types import SimpleNamespace
+
+    stats = gaussian_stats(s_ee=8.0, s_ue=0.8, steps=10)
+    sch = testbed.scheduler_for("ddim")
+    sch.set_timesteps(10)
+    shrink = make_corrector("qdrift", stats, mode="exact", infeasible="shrink", mean_removal=0.5)
+    plain = make_corrector("qdrift", stats, mode="exact", infeasible="skip", mean_removal=0.5)
+    shrink.prepare(sch), plain.prepare(sch)
+    last = int(shrink.shrink.abs().sum(1).nonzero().max())      # an infeasible step
+    seen = []
+    parent = lambda u, **kw: seen.append(u) or SimpleNamespace(prev_sample=u)   # noqa: E731
+    u, x = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    for eta in (0.0, 0.5):
+        shrink.step(sch, last, u, x, parent, {"eta": eta})
+    assert not torch.equal(seen[0], plain.transform_output(last, u))           # eta = 0: shrunk
+    assert torch.equal(seen[1], plain.transform_output(last, u))               # eta > 0: mean removal only
+
+
+def test_shrink_is_refused_with_bias_removal_and_by_the_paper_rule():
+    with pytest.raises(ValueError, match="adds nothing"):
+        make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="shrink", bias_removal=True)
+    with pytest.raises(ValueError, match="not a choice of the paper rule"):
+        make_corrector("qdrift", gaussian_stats(), mode="paper", infeasible="shrink")
+
+
 def test_mean_removal_subtracts_that_fraction_of_the_resolved_mean_error_per_channel():
     u_fp, e = linear_error(0.0, [0.2, -0.1, 0.05, 0.0], noise=0.05)
     stats = pool_of(u_fp + e, e).fit(5, "channel")
@@ -109,6 +182,8 @@ def test_bad_options_are_refused(options, match):
     (["corrector.qdrift_plus.infeasible=nearest"], "infeasible"),
     (["corrector.qdrift_plus.mode=paper", "corrector.qdrift_plus.infeasible=closest"], "not a choice of the paper rule"),
     (["corrector.qdrift_plus.infeasible=apply"], "not a choice of the exact rule"),
+    (["corrector.qdrift_plus.mean_removal=0", "+corrector.qdrift_plus.bias_removal=true",
+      "corrector.qdrift_plus.infeasible=shrink"], "infeasible=shrink adds nothing"),
     (["eval.pool=train"], "eval.pool"),
     (["+objective=qdrift_plus"], "needs eval.pool=tune"),
     (["+objective=qdrift", "eval.pool=tune"], "must name one of this run's corrector variants"),

@@ -47,7 +47,27 @@ def test_a_best_trial_not_told_from_noise_keeps_the_default(tmp_path, capsys):
     assert "keep the default" in capsys.readouterr().out
 
 
+def test_a_trial_without_a_finite_delta_is_left_out_not_taken_for_the_best(tmp_path, capsys):
+    _trial(tmp_path, 0, 1.10, 0.72, float("nan"), 0.003)
+    _trial(tmp_path, 1, 0.85, 0.65, -0.010, 0.001)
+    rows = tune_summary.trials(tmp_path, "qdrift_plus")
+    assert [r["job"] for r in rows] == [1] and tune_summary.decision(rows)["job"] == 1
+    assert "not finite; left out" in capsys.readouterr().err
+
+
+def _corrupt(p):
+    (p / "0_x").mkdir()
+    (p / "0_x" / "metrics.json").write_text("{not json")
+
+
+def _not_a_job(p):
+    _trial(p, 0, 1.0, 0.5, -0.01, 0.001)
+    (p / "0_corrector.qdrift_plus.drift_scale=1.0").rename(p / "best")
+
+
 @pytest.mark.parametrize("make, message", [
+    (_corrupt, "0_x/metrics.json: not a finished run's metrics"),
+    (_not_a_job, "best/metrics.json: invalid literal"),
     (lambda p: None, "no finished trials"),
     (lambda p: _trial(p, 0, 1.0, 0.5, -0.01, 0.001, pool="eval"), "tuning uses the tune pool only"),
     (lambda p: (_trial(p, 0, 1.0, 0.5, -0.01, 0.001), _trial(p, 1, 1.0, 0.5, -0.01, 0.001, model="bench_dit")),

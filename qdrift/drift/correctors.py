@@ -19,8 +19,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .hooks import StepHook
 from .layout import broadcastable, check_layout
-from .rules import (Coefficients, Schedule, ancestral_noise_scale, coefficients, ddim_noise_std, infeasible_choice,
-                    schedule_of)
+from .rules import (Coefficients, Schedule, ancestral_noise_scale, coefficients, ddim_noise_std, feasible_steps,
+                    infeasible_choice, schedule_of)
 from .statistics import DriftStatistics, StatisticsMismatch
 
 
@@ -129,7 +129,12 @@ class QDrift(Corrector):
     leaves alone, without E[e | u]'s slope, which shrinks outputs toward the pooled mean. mu_e is first
     shrunk by its standard error over the calibration runs: removing an unresolved mean would add a
     bias of its own, which the trajectory accumulates. `infeasible` picks what the rule does at steps no
-    sigma' can make exact (rules.INFEASIBLE; the paper rule's "feasible_only" is an ablation).
+    sigma' can make exact (rules.INFEASIBLE; the paper rule's "feasible_only" is an ablation). There,
+    "shrink" removes E[e | u]'s slope from the output, u - slope (u - mu_u): no drift can take the
+    residual variance away at those steps, but the part of the output's spread that the error explains
+    can be. That is D-D^2's correction, confined to those steps and channels, with its one slope and
+    centre per step (the fit pooled over channels; E[e | u] fitted per channel hurt on bench_flow's tune
+    pool, experiments/results/qdrift_plus_shrink_bench.md).
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
@@ -145,17 +150,36 @@ class QDrift(Corrector):
                              "set mean_removal=0 with it")
         self.mode, self.drift_scale, self.bias_removal = mode, float(drift_scale), bool(bias_removal)
         self.mean_removal, self.infeasible = float(mean_removal), infeasible_choice(mode, infeasible)
+        if bias_removal and self.infeasible == "shrink":
+            raise ValueError("bias_removal already removes E[e | u]'s slope at every step: infeasible=shrink adds nothing")
         self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
+        self.shrink: torch.Tensor | None = None   # (S, C) slope where the output is shrunk, else 0; per schedule
+        self._noisy = False                        # this step is DDIM's with eta > 0
+
+    def step(self, scheduler, i, model_output, sample, parent, step_kwargs):
+        # DDIM with eta > 0 runs no drift rule (Corrector.step), so no infeasible-step choice either.
+        self._noisy = float(step_kwargs.get("eta") or 0.0) > 0
+        return super().step(scheduler, i, model_output, sample, parent, step_kwargs)
 
     def step_coefficients(self, schedule: Schedule) -> Coefficients:
+        if self.infeasible == "shrink":   # where the rule itself applies (not on stochastic samplers)
+            where = torch.zeros_like(self.stats.residual_var, dtype=torch.bool) if schedule.stochastic else \
+                ~feasible_steps(schedule, self.stats.residual_var)
+            self.shrink = where.to(torch.float64) * self.stats.scalar().regression_slope
         return coefficients(schedule, self.stats.residual_var, self.mode, self.infeasible).scaled(self.drift_scale)
 
     def transform_output(self, i, u):
         if self.bias_removal:
             return (u.float() - self._conditional_bias(i, u)).to(u.dtype)
+        shrinks = self.shrink is not None and not self._noisy and bool(self.shrink[i].any())
+        if not (self.mean_removal or shrinks):
+            return u
+        out = u.float()
         if self.mean_removal:
-            return (u.float() - self.mean_removal * self._vec(self.shrunk_mean, i, u)).to(u.dtype)
-        return u
+            out = out - self.mean_removal * self._vec(self.shrunk_mean, i, u)
+        if shrinks:
+            out = out - self._vec(self.shrink, i, u) * (u.float() - self._vec(self.stats.scalar().mu_u, i, u))
+        return out.to(u.dtype)
 
     def drift_factors(self) -> torch.Tensor:
         """c_i per step (and channel): the relative change of each step's update (for plots and logs)."""

@@ -27,9 +27,10 @@ from diffusers import (
 
 MODES = ("paper", "exact")
 # What a rule does at steps where no sigma' preserves the marginal, per mode; the first is the default.
-# exact: leave the step | land as close as it can. paper: apply the authors' rule anyway | feasible_only,
+# exact: leave the step | land as close as it can | shrink the output by E[e | u]'s slope instead (no drift
+# reduces the variance there; correctors.QDrift). paper: apply the authors' rule anyway | feasible_only,
 # an ablation that leaves those steps (a name of its own: "skip" with the paper rule once meant the rule itself).
-INFEASIBLE = {"exact": ("skip", "closest"), "paper": ("apply", "feasible_only")}
+INFEASIBLE = {"exact": ("skip", "closest", "shrink"), "paper": ("apply", "feasible_only")}
 
 
 def infeasible_choice(mode: str, infeasible: str | None) -> str:
@@ -247,9 +248,10 @@ def _paper(schedule: Schedule, V: torch.Tensor) -> Coefficients:
 def _exact(schedule: Schedule, V: torch.Tensor, infeasible: str) -> Coefficients:
     """Marginal-preserving rule (method.md section 7): land on sigma' with sigma'^2 + eta^2 = sigma_n^2,
     where eta^2 = (alpha_n - sigma' alpha_i / sigma_i)^2 W is the residual noise the step itself injects
-    (a quadratic in sigma'). Where no sigma' >= 0 solves it (late steps with a large W), "skip" leaves the
-    step uncorrected (method.md) and "closest" takes the sigma' that minimises sigma'^2 + eta^2, the
-    vertex of the quadratic: the smallest total variance the step can reach, still above sigma_n^2."""
+    (a quadratic in sigma'). Where no sigma' >= 0 solves it (late steps with a large W), "skip" (and
+    "shrink", whose correction is on the model output) leaves the step uncorrected (method.md), and
+    "closest" takes the sigma' that minimises sigma'^2 + eta^2, the vertex of the quadratic: the
+    smallest total variance the step can reach, still above sigma_n^2."""
     a_i, s_i, a_n, s_n = _levels(schedule)
     out = Coefficients.identity(*V.shape)
     W = x0_variance(schedule, V)
