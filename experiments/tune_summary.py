@@ -19,7 +19,13 @@ import math
 import sys
 from pathlib import Path
 
-PARAMS = ("drift_scale", "mean_removal")
+NUMBERS = ("drift_scale", "mean_removal")
+CHOICES = ("infeasible",)          # in the table and the entry where the trials' configs have them
+PARAMS = NUMBERS + CHOICES
+
+
+def _fmt(value) -> str:
+    return value if isinstance(value, str) else f"{value:.2f}"
 
 
 def trial(m: Path, corrector: str) -> dict:
@@ -35,7 +41,8 @@ def trial(m: Path, corrector: str) -> dict:
             "job": int(m.parent.name.split("_", 1)[0]),
             "setting": f"{cfg['model']['name']}/{cfg['sampler']['name']}/{cfg['quant']['name']}",
             "prompts": result["num_prompts"],
-            **{k: float(cfg["corrector"][corrector][k]) for k in PARAMS},
+            **{k: float(cfg["corrector"][corrector][k]) for k in NUMBERS},
+            **{k: str(cfg["corrector"][corrector][k]) for k in CHOICES if k in cfg["corrector"][corrector]},
             "delta": v["fid_delta_vs_quant"], "low": v["fid_delta_ci_low"], "high": v["fid_delta_ci_high"],
             "fid_fp": result["variants"]["fp"]["fid"], "fid_quant": result["variants"]["quant"]["fid"],
         }
@@ -72,13 +79,14 @@ def decision(rows: list[dict]) -> dict | None:
 
 def markdown(rows: list[dict], corrector: str) -> str:
     r0, best, chosen = rows[0], min(rows, key=lambda r: r["delta"]), decision(rows)
+    params = [k for k in PARAMS if k in r0]
     lines = [f"{corrector} tuning on {r0['setting']}: {len(rows)} trials, {r0['prompts']} tune-pool prompts "
              f"(FP FID {r0['fid_fp']:.4f}, quantized {r0['fid_quant']:.4f})", "",
-             "| trial | " + " | ".join(PARAMS) + " | FID delta vs quant [paired 95% CI] |",
-             "|---|" + "---|" * len(PARAMS) + "---|"]
+             "| trial | " + " | ".join(params) + " | FID delta vs quant [paired 95% CI] |",
+             "|---|" + "---|" * len(params) + "---|"]
     for r in rows:
         mark = " **best**" if r is best else ""
-        lines.append(f"| {r['job']} | " + " | ".join(f"{r[k]:.2f}" for k in PARAMS)
+        lines.append(f"| {r['job']} | " + " | ".join(_fmt(r[k]) for k in params)
                      + f" | {r['delta']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]{mark} |")
     lines.append("")
     lines.append(f"Decision: {'ship trial ' + str(chosen['job']) + ' (its CI lies below zero)' if chosen else 'keep the default (the best trial is not distinguishable from zero)'}.")
@@ -91,7 +99,7 @@ def yaml_entry(rows: list[dict]) -> str:
         return ""
     return (f"  {chosen['setting']}:   # {len(rows)} trials, {chosen['prompts']} tune prompts: "
             f"{chosen['delta']:+.4f} [{chosen['low']:+.4f}, {chosen['high']:+.4f}]\n"
-            + "".join(f"    {k}: {chosen[k]:.2f}\n" for k in PARAMS))
+            + "".join(f"    {k}: {_fmt(chosen[k])}\n" for k in PARAMS if k in chosen))
 
 
 def main(argv: list[str] | None = None) -> int:

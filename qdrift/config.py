@@ -67,12 +67,13 @@ def tuned_table() -> dict:
 
 
 def tuned_value(corrector: str, key: str, model=None, sampler=None, quant=None):
-    """`corrector`'s tuned `key` for the setting model/sampler/quant, or its default where not tuned."""
+    """`corrector`'s tuned `key` for the setting model/sampler/quant, or its default where the setting is not
+    listed or does not list that key."""
     table = tuned_table()
     if corrector not in table:
         raise ConfigError(f"no tuned values for corrector {corrector!r} in conf/tuned.yaml; it has {sorted(table)}")
     settings = table[corrector]
-    values = settings.get(f"{model}/{sampler}/{quant}", settings["default"])
+    values = {**settings["default"], **settings.get(f"{model}/{sampler}/{quant}", {})}   # a key not listed: default
     if key not in values:
         raise ConfigError(f"conf/tuned.yaml: {corrector} has no tuned {key!r} (has {sorted(values)})")
     return values[key]

@@ -235,7 +235,9 @@ def test_optuna_sweep_tunes_on_the_tune_pool_and_minimises_the_fid_delta(tmp_pat
     (result,) = tmp_path.rglob("optimization_results.yaml")
     best = yaml.safe_load(result.read_text())
     assert best["best_value"] == min(deltas)
-    assert set(best["best_params"]) == {"corrector.qdrift_plus.drift_scale", "corrector.qdrift_plus.mean_removal"}
+    assert set(best["best_params"]) == {"corrector.qdrift_plus.drift_scale", "corrector.qdrift_plus.mean_removal",
+                                        "corrector.qdrift_plus.infeasible"}
+    assert best["best_params"]["corrector.qdrift_plus.infeasible"] in ("skip", "shrink")
     assert re.search(r"sweep: 2/2 jobs done \(0 failed\)", out.stdout + out.stderr)
 
 
@@ -289,6 +291,17 @@ def test_tuned_values_follow_the_setting_and_yield_to_the_command_line():
     assert spec("model=bench_unet", "sampler=dpmpp", "quant=svdquant_w3a4")["mean_removal"] == \
         table["default"]["mean_removal"]                             # the sampler is part of the setting
     assert spec("model=bench_unet", "corrector.qdrift_plus.mean_removal=0.5")["mean_removal"] == 0.5
+
+
+def test_a_key_a_tuned_setting_does_not_list_comes_from_the_default(monkeypatch):
+    from qdrift import config
+
+    assert config.tuned_value("qdrift_plus", "infeasible", "bench_dit", "dpmpp", "svdquant_w3a4") == "skip"
+    table = {"qdrift_plus": {"default": {"drift_scale": 0.5, "mean_removal": 0.2, "infeasible": "skip"},
+                             "m/s/q": {"infeasible": "shrink"}}}
+    monkeypatch.setattr(config, "tuned_table", lambda: table)
+    assert [config.tuned_value("qdrift_plus", k, "m", "s", "q") for k in ("drift_scale", "infeasible")] == [0.5, "shrink"]
+    assert config.tuned_value("qdrift_plus", "infeasible", "m", "s", "other") == "skip"
 
 
 def test_tuned_values_refuse_what_they_do_not_have():

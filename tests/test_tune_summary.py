@@ -10,11 +10,11 @@ import tune_summary  # noqa: E402
 
 
 def _trial(sweep: Path, job: int, scale: float, removal: float, delta: float, half: float, pool="tune",
-           model="bench_unet") -> None:
+           model="bench_unet", **choices) -> None:
     d = sweep / f"{job}_corrector.qdrift_plus.drift_scale={scale}"
     d.mkdir(parents=True)
     cfg = {"model": {"name": model}, "sampler": {"name": "euler"}, "quant": {"name": "svdquant_w3a4"},
-           "eval": {"pool": pool}, "corrector": {"qdrift_plus": {"drift_scale": scale, "mean_removal": removal}}}
+           "eval": {"pool": pool}, "corrector": {"qdrift_plus": {"drift_scale": scale, "mean_removal": removal, **choices}}}
     variants = {"fp": {"fid": 0.005}, "quant": {"fid": 0.03},
                 "qdrift_plus": {"fid": 0.03 + delta, "fid_delta_vs_quant": delta,
                                 "fid_delta_ci_low": delta - half, "fid_delta_ci_high": delta + half}}
@@ -34,6 +34,16 @@ def test_the_best_trial_ships_only_when_its_ci_lies_below_zero(tmp_path, capsys)
         and "mean_removal: 0.65\n" in entry
     assert tune_summary.main([str(tmp_path)]) == 0
     assert "ship trial 1" in capsys.readouterr().out
+
+
+def test_a_tuned_choice_is_listed_and_shipped_with_the_numbers(tmp_path, capsys):
+    _trial(tmp_path, 0, 1.10, 0.72, -0.002, 0.003, infeasible="skip")
+    _trial(tmp_path, 1, 0.85, 0.65, -0.007, 0.004, infeasible="shrink")
+    assert tune_summary.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| trial | drift_scale | mean_removal | infeasible |" in table and "| 1 | 0.85 | 0.65 | shrink |" in table
+    tune_summary.main([str(tmp_path), "--yaml"])
+    assert capsys.readouterr().out.endswith("    mean_removal: 0.65\n    infeasible: shrink\n")
 
 
 def test_a_best_trial_not_told_from_noise_keeps_the_default(tmp_path, capsys):
