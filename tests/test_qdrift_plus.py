@@ -283,10 +283,12 @@ def test_tuned_values_follow_the_setting_and_yield_to_the_command_line():
     unet = spec("model=bench_unet", "quant=svdquant_w3a4")
     assert (unet["drift_scale"], unet["mean_removal"]) == tuple(
         table["bench_unet/euler/svdquant_w3a4"][k] for k in ("drift_scale", "mean_removal"))
-    other = spec("model=bench_flow", "quant=svdquant_w3a4")            # not tuned: the default
+    other = spec("model=bench_flow", "quant=svdquant_w4a4")            # not tuned: the default
     assert (other["drift_scale"], other["mean_removal"]) == (table["default"]["drift_scale"],
                                                              table["default"]["mean_removal"])
     assert unet != other                                             # so their images are cached apart
+    flow = spec("model=bench_flow", "quant=svdquant_w3a4")           # a tuned choice reaches the config too
+    assert flow["infeasible"] == table["bench_flow/flow_euler/svdquant_w3a4"]["infeasible"] != other["infeasible"]
     assert "bench_unet/dpmpp/svdquant_w3a4" not in table
     assert spec("model=bench_unet", "sampler=dpmpp", "quant=svdquant_w3a4")["mean_removal"] == \
         table["default"]["mean_removal"]                             # the sampler is part of the setting
