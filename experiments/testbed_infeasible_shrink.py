@@ -18,23 +18,20 @@ SHOWN = ("qdrift_paper", "qdrift_exact", "qdrift_plus", "d2dpm")
 
 
 def with_shrink(pool, num_runs: int) -> dict:
-    out = {k: v for k, v in everyday(pool, num_runs).items() if k in SHOWN}
+    out = {k: v for k, v in testbed.correctors(pool, num_runs).items() if k in SHOWN}
     options = testbed.plus_options() | {"infeasible": "shrink"}
     out["qdrift_plus_shrink"] = make_corrector("qdrift", pool.fit(num_runs, "channel"), **options)
     return out
 
 
-everyday = testbed.correctors
-
-
 def main() -> None:
     torch.set_num_threads(1)
-    testbed.correctors = with_shrink   # testbed.run samples every corrector this returns
     for steps in (20, 100):
         for setting in testbed.SETTINGS:
             for kind in testbed.KINDS:
                 start = time.perf_counter()
-                r = testbed.run(kind, steps=steps, num_samples=4096, error=testbed.SETTINGS[setting])
+                r = testbed.run(kind, steps=steps, num_samples=4096, error=testbed.SETTINGS[setting],
+                                make_correctors=with_shrink)
                 cells = " ".join(f"{k}={1e3 * v['w1_to_fp']:.2f}" for k, v in r.items() if k not in ("fp", "data"))
                 print(f"{steps} {setting:10s} {kind:12s} {cells}  ({time.perf_counter() - start:.0f}s)", flush=True)
 

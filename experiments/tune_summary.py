@@ -71,21 +71,26 @@ def trials(sweep: Path, corrector: str) -> list[dict]:
     return sorted(rows, key=lambda r: r["job"])
 
 
+def best(rows: list[dict]) -> dict:
+    """The trial with the lowest FID delta."""
+    return min(rows, key=lambda r: r["delta"])
+
+
 def decision(rows: list[dict]) -> dict | None:
-    """The best trial (lowest FID delta) if its CI lies below zero, else None (keep the default)."""
-    best = min(rows, key=lambda r: r["delta"])
-    return best if best["high"] < 0 else None
+    """The best trial if its CI lies below zero, else None (keep the default)."""
+    top = best(rows)
+    return top if top["high"] < 0 else None
 
 
 def markdown(rows: list[dict], corrector: str) -> str:
-    r0, best, chosen = rows[0], min(rows, key=lambda r: r["delta"]), decision(rows)
+    r0, top, chosen = rows[0], best(rows), decision(rows)
     params = [k for k in PARAMS if k in r0]
     lines = [f"{corrector} tuning on {r0['setting']}: {len(rows)} trials, {r0['prompts']} tune-pool prompts "
              f"(FP FID {r0['fid_fp']:.4f}, quantized {r0['fid_quant']:.4f})", "",
              "| trial | " + " | ".join(params) + " | FID delta vs quant [paired 95% CI] |",
              "|---|" + "---|" * len(params) + "---|"]
     for r in rows:
-        mark = " **best**" if r is best else ""
+        mark = " **best**" if r is top else ""
         lines.append(f"| {r['job']} | " + " | ".join(_fmt(r[k]) for k in params)
                      + f" | {r['delta']:+.4f} [{r['low']:+.4f}, {r['high']:+.4f}]{mark} |")
     lines.append("")

@@ -167,3 +167,15 @@ def test_qdrift_plus_removes_part_of_the_shift_the_drift_rules_leave(correlated,
     for r in (correlated[kind], biased[kind]):
         assert w1(r, "qdrift_plus") < 0.9 * min(w1(r, "qdrift_paper"), w1(r, "qdrift_exact"))
         assert w1(r, "qdrift_plus") > w1(r, "cumcomp")
+
+
+def test_run_samples_the_correctors_it_is_given():
+    """`make_correctors` picks the corrected variants (experiments/testbed_infeasible_shrink.py adds one)."""
+    from qdrift.drift import make_corrector
+
+    def only_exact(pool, num_runs):
+        return {"mine": make_corrector("qdrift", pool.fit(num_runs, "scalar"), mode="exact")}
+
+    r = testbed.run("dpmpp", steps=10, num_samples=256, make_correctors=only_exact)
+    assert set(r) == {"fp", "quant", "mine", "data"}
+    assert r["mine"]["w1_to_fp"] != r["quant"]["w1_to_fp"]

@@ -200,8 +200,10 @@ def correctors(pool, num_runs: int) -> dict:
 
 
 def run(kind: str, steps: int = 50, num_samples: int = 4096, num_runs: int = 5, seed: int = 0,
-        data: Mixture = Mixture(), error: QuantError = QuantError()) -> dict[str, dict[str, float]]:
-    """Calibrate on `num_runs` paired runs, then sample every variant from the same initial noise."""
+        data: Mixture = Mixture(), error: QuantError = QuantError(), make_correctors=correctors,
+        ) -> dict[str, dict[str, float]]:
+    """Calibrate on `num_runs` paired runs, then sample every variant from the same initial noise.
+    `make_correctors(pool, num_runs)` gives the corrected variants by name (default: every corrector)."""
     shape = (num_samples, 1, 4, 4)
     gen = torch.Generator().manual_seed(seed)
     x_T = torch.randn(shape, generator=gen)
@@ -216,7 +218,7 @@ def run(kind: str, steps: int = 50, num_samples: int = 4096, num_runs: int = 5, 
     with torch.random.fork_rng():   # Euler ancestral's calibration steps draw from the global generator
         torch.manual_seed(seed + 13)
         pool = calibrate_denoisers(fp_model, q_model, scheduler_for(kind), latents, steps, trim_std=4.0)
-    hooks = {"fp": None, "quant": None, **correctors(pool, num_runs)}
+    hooks = {"fp": None, "quant": None, **make_correctors(pool, num_runs)}
     out = {}
     fp = sample(kind, steps, x_T, data, None, None, seed + 3)
     for name, hook in hooks.items():
