@@ -14,7 +14,8 @@ The table is a sweep of ordinary runs; on a GPU, for example:
 Replicates (`python run.py -m replicate=0,1,2 ...`, README "Replicates"): `--deltas` then gives one row per
 setting over its replicates: their number, the mean FID delta and the mean gap recovered
 (quant - corrected) / (quant - FP) per corrector, each with a 95% Student-t interval over replicates;
-`--per-replicate` adds each replicate's own row with its paired bootstrap CI.
+`--per-replicate` adds each replicate's own row with its paired bootstrap CI; `--versus CORRECTOR` compares
+one corrector with each other one, paired by replicate (is it ahead of every peer?).
 
 (`experiments/bench_table_sweep.sh` runs those sweeps spread over the visible GPUs.)
 Every run found under the given folders is listed, including settings where a corrector does not help.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from qdrift.conf import all_correctors
 from qdrift.report import (drop_reruns, has_replicates, load_runs, replicate_groups, replicate_rows, replicate_summary,
-                           setting_value, varying_keys)
+                           setting_value, varying_keys, versus_summary)
 
 COLUMNS = ("model", "sampler", "steps", "quant", "K", "prompts", "variant", "FID", "KID x1e3 (± std)",
            "CLIP [95% CI]", "FID delta vs quant [95% CI]")
@@ -87,16 +88,11 @@ def gap_rows(runs: list, correctors: list[str]) -> tuple[list[str], list[list[st
     corrector its mean gap recovered with its 95% t-interval, in bold where the FID delta's t-interval
     over replicates is below zero and marked "(worse)" where it is above zero. Setting keys besides
     model, sampler and quantizer (K, a sweep's other keys) get a column each."""
-    keys, groups = replicate_groups(runs)
-    extra = [k for k in keys if k not in SETTING_KEYS and len({values[keys.index(k)] for values, _ in groups}) > 1]
-    quant_order = ["svdquant_w4a4", "svdquant_w3a4", "mixdq_w4a8"]
+    extra, settings = _settings(runs)
     out = []
-    for values, members in groups:
-        cfg = members[0].config
+    for prefix, members in settings:
         s = replicate_summary(members, correctors)
-        row = [f"{cfg['model']['name']} / {sampler_label(cfg['sampler'])}, {cfg['sampler']['steps']}",
-               cfg["quant"]["name"], *(values[keys.index(k)] for k in extra), str(s["n"]),
-               f"{s['fp']:.4f} / {s['quant']:.4f}" if None not in (s["fp"], s["quant"]) else "-"]
+        row = prefix + [str(s["n"]), f"{s['fp']:.4f} / {s['quant']:.4f}" if None not in (s["fp"], s["quant"]) else "-"]
         for c in correctors:
             gap, delta = s[c]["gap"], s[c]["delta"]
             if gap is None:
@@ -110,8 +106,54 @@ def gap_rows(runs: list, correctors: list[str]) -> tuple[list[str], list[list[st
                 cell += " (worse)"
             row.append(cell)
         out.append(row)
-    out.sort(key=lambda r: (r[0], quant_order.index(r[1]) if r[1] in quant_order else len(quant_order), r[1:]))
-    return ["model / sampler, steps", "quant", *extra, "replicates", "FID fp / quant", *correctors], out
+    return ["model / sampler, steps", "quant", *extra, "replicates", "FID fp / quant", *correctors], _sorted(out)
+
+
+def versus_rows(runs: list, ref: str, correctors: list[str]) -> tuple[list[str], list[list[str]]]:
+    """`ref` against each other corrector, per setting over the replicates that ran both: the gap
+    recovered by ref minus the other's, in percentage points with its 95% t-interval over the paired
+    replicates, in bold where ref's FID is below the other's with its t-interval below zero (ref ahead)
+    and marked "(behind)" where that interval is above zero."""
+    if not any(ref in r.variants for r in runs):
+        raise ValueError(f"no run has the corrector {ref!r} to compare against (found: {', '.join(correctors)})")
+    others = [c for c in correctors if c != ref]
+    extra, settings = _settings(runs)
+    out = []
+    for prefix, members in settings:
+        v = versus_summary(members, ref, others)
+        row = prefix + [str(len(members))]
+        for c in others:
+            gap, fid = v[c]["gap"], v[c]["fid"]
+            if gap is None:
+                row.append("-")
+                continue
+            cell = f"{100 * gap[0]:+.0f} pp" + (f" [{100 * gap[1]:+.0f}, {100 * gap[2]:+.0f}]" if math.isfinite(gap[1]) else "")
+            cell += f" (n={v[c]['n']})" if v[c]["n"] != len(members) else ""
+            if fid[2] < 0:          # NaN bounds (one replicate) mark nothing
+                cell = f"**{cell}**"
+            elif fid[1] > 0:
+                cell += " (behind)"
+            row.append(cell)
+        out.append(row)
+    return ["model / sampler, steps", "quant", *extra, "replicates", *(f"{ref} - {c}" for c in others)], _sorted(out)
+
+
+def _settings(runs: list) -> tuple[list[str], list[tuple[list[str], list]]]:
+    """(extra setting keys, [(the row's setting cells, the setting's replicates)]): model / sampler and
+    quantizer, then each other key that differs between settings (K, a sweep's other keys)."""
+    keys, groups = replicate_groups(runs)
+    extra = [k for k in keys if k not in SETTING_KEYS and len({values[keys.index(k)] for values, _ in groups}) > 1]
+    out = []
+    for values, members in groups:
+        cfg = members[0].config
+        out.append(([f"{cfg['model']['name']} / {sampler_label(cfg['sampler'])}, {cfg['sampler']['steps']}",
+                     cfg["quant"]["name"], *(values[keys.index(k)] for k in extra)], members))
+    return extra, out
+
+
+def _sorted(rows: list[list[str]]) -> list[list[str]]:
+    quant_order = ["svdquant_w4a4", "svdquant_w3a4", "mixdq_w4a8"]
+    return sorted(rows, key=lambda r: (r[0], quant_order.index(r[1]) if r[1] in quant_order else len(quant_order), r[1:]))
 
 
 def markdown(all_rows: list[list[str]], columns=COLUMNS) -> str:
@@ -131,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gaps", action="store_true",
                    help="with --deltas and replicates: one cell per corrector, its mean gap recovered [95%% t-CI], "
                         "bold where the FID delta's CI over replicates is below zero, '(worse)' where above")
+    p.add_argument("--versus", metavar="CORRECTOR",
+                   help="with replicates: CORRECTOR against each other corrector, per setting: the difference in "
+                        "gap recovered (percentage points) with its 95%% t-interval over paired replicates, bold "
+                        "where CORRECTOR's FID is significantly lower, '(behind)' where higher")
     args = p.parse_args(argv)
-    args.deltas |= args.gaps or args.per_replicate   # both are views of --deltas
+    args.deltas |= args.gaps or args.per_replicate or bool(args.versus)   # all are views of --deltas
     files = sorted({f for root in args.roots for f in ([root / "metrics.json"] if (root / "metrics.json").is_file()
                                                        else root.rglob("metrics.json"))})
     if not files:
@@ -149,6 +195,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         files = sorted(runs)
+        if args.versus and not has_replicates(list(runs.values())):
+            print("error: --versus compares correctors over replicates; these runs have none", file=sys.stderr)
+            return 2
+        if args.versus:
+            try:
+                header, table = versus_rows(list(runs.values()), args.versus, correctors)
+            except ValueError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            print(markdown(table, header))
+            return 0
         if has_replicates(list(runs.values())):
             header, table = (gap_rows(list(runs.values()), correctors) if args.gaps else
                              replicate_rows(list(runs.values()), args.per_replicate, correctors))

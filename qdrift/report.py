@@ -219,6 +219,22 @@ def replicate_summary(members: list[Run], correctors: list[str]) -> dict:
     return out
 
 
+def versus_summary(members: list[Run], ref: str, correctors: list[str]) -> dict:
+    """Per corrector c other than `ref`, over the replicates that have both: n, the FID difference
+    FID[ref] - FID[c] and the gap-recovered difference gap[ref] - gap[c], each (mean, low, high) with a
+    Student-t interval. Paired by replicate, so the PTQ draw's share of the variation cancels."""
+    out = {}
+    for c in correctors:
+        if c == ref:
+            continue
+        both = [r for r in members if "fid" in r.variants.get(ref, {}) and "fid" in r.variants.get(c, {})]
+        fid = [r.variants[ref]["fid"] - r.variants[c]["fid"] for r in both]
+        gap = [g_ref[0] - g_c[0] for r in both
+               if (g_ref := gap_recovered(r.variants, ref)) and (g_c := gap_recovered(r.variants, c))]
+        out[c] = {"n": len(fid), "fid": t_interval(fid) if fid else None, "gap": t_interval(gap) if gap else None}
+    return out
+
+
 def _ci(x: tuple | None, spec: str, scale: float = 1.0, unit: str = "") -> str:
     if x is None:
         return "-"

@@ -168,3 +168,46 @@ def test_gaps_view_marks_what_replicates(tmp_path, capsys):
     assert row["bench_unet"].endswith("| 3 | 0.1000 / 0.2000 | -21 % [-23, -19] (worse) |")
     assert row["bench_tiny"].endswith("| 2 | 0.1000 / 0.2000 | +10 % [-244, +264] |")   # CI spans zero
     assert row["bench_flow"].endswith("| 1 | 0.1000 / 0.2000 | +50 % |")
+
+
+def _with_peer(path: Path, r: int, delta: float, peer_delta: float, model: str = "bench_dit") -> None:
+    """A replicate that also ran the peer `ptqd` (FID 0.2 + peer_delta)."""
+    _replicate(path, r, delta, model=model)
+    m = json.loads((path / "metrics.json").read_text())
+    m["variants"]["ptqd"] = {"fid": 0.2 + peer_delta, "fid_delta_vs_quant": peer_delta,
+                             "fid_delta_ci_low": peer_delta - 0.01, "fid_delta_ci_high": peer_delta + 0.01}
+    (path / "metrics.json").write_text(json.dumps(m))
+
+
+def test_versus_compares_two_correctors_paired_by_replicate(tmp_path, capsys):
+    """--versus: the gap difference over replicates, paired, so a PTQ draw that moves both alike cancels;
+    bold where the corrector's FID is significantly below the peer's, "(behind)" where above."""
+    from scipy import stats
+
+    # Q-Drift is ahead by 0.010, 0.012, 0.011 of FID although its own delta varies widely between draws.
+    for r, (d, p) in enumerate(((-0.030, -0.020), (-0.062, -0.050), (-0.001, +0.010))):
+        _with_peer(tmp_path / "a" / f"{r}_x", r, d, p)
+    for r, (d, p) in enumerate(((-0.010, -0.030), (-0.011, -0.032), (-0.012, -0.031))):
+        _with_peer(tmp_path / "b" / f"{r}_x", r, d, p, model="bench_unet")
+    assert bench_table.main(["--versus", "qdrift", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| model / sampler, steps | quant | replicates | qdrift - ptqd |"
+    row = {line.split(" / ")[0].strip("| "): line for line in lines[2:]}
+    diffs = [0.10, 0.12, 0.11]                  # gap differences (FID gap 0.1)
+    half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / 3 ** 0.5
+    assert row["bench_dit"].endswith(f"| 3 | **+11 pp [{100 * (0.11 - half):+.0f}, {100 * (0.11 + half):+.0f}]** |")
+    assert row["bench_unet"].endswith("(behind) |") and "| -20 pp [" in row["bench_unet"]
+    # The unpaired view would not call the dit setting: each corrector's own interval is wide.
+    assert bench_table.main(["--gaps", str(tmp_path)]) == 0
+    dit = next(line for line in capsys.readouterr().out.splitlines() if "bench_dit" in line)
+    assert "**" not in dit
+
+
+def test_versus_needs_the_corrector_and_replicates(tmp_path, capsys):
+    _with_peer(tmp_path / "a" / "0_x", 0, -0.03, -0.02)
+    _with_peer(tmp_path / "a" / "1_x", 1, -0.03, -0.02)
+    assert bench_table.main(["--versus", "d2dpm", str(tmp_path)]) == 2
+    assert "no run has the corrector 'd2dpm'" in capsys.readouterr().err
+    _run(tmp_path / "plain" / "0_a", "bench_unet", +0.02)
+    assert bench_table.main(["--versus", "qdrift", str(tmp_path / "plain")]) == 2
+    assert "these runs have none" in capsys.readouterr().err

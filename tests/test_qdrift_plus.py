@@ -283,7 +283,7 @@ def test_tuned_values_follow_the_setting_and_yield_to_the_command_line():
     unet = spec("model=bench_unet", "quant=svdquant_w3a4")
     assert (unet["drift_scale"], unet["mean_removal"]) == tuple(
         table["bench_unet/euler/svdquant_w3a4"][k] for k in ("drift_scale", "mean_removal"))
-    other = spec("model=bench_flow", "quant=svdquant_w4a4")            # not tuned: the default
+    other = spec("model=bench_flow", "quant=mixdq_w4a8")               # not tuned: the default
     assert (other["drift_scale"], other["mean_removal"]) == (table["default"]["drift_scale"],
                                                              table["default"]["mean_removal"])
     assert unet != other                                             # so their images are cached apart
@@ -298,7 +298,7 @@ def test_tuned_values_follow_the_setting_and_yield_to_the_command_line():
 def test_a_key_a_tuned_setting_does_not_list_comes_from_the_default(monkeypatch):
     from qdrift import config
 
-    assert config.tuned_value("qdrift_plus", "infeasible", "bench_dit", "dpmpp", "svdquant_w3a4") == "skip"
+    assert config.tuned_value("qdrift_plus", "infeasible", "bench_dit", "dpmpp", "mixdq_w4a8") == "skip"   # untuned
     table = {"qdrift_plus": {"default": {"drift_scale": 0.5, "mean_removal": 0.2, "infeasible": "skip"},
                              "m/s/q": {"infeasible": "shrink"}}}
     monkeypatch.setattr(config, "tuned_table", lambda: table)
