@@ -363,6 +363,10 @@ def _validate_correctors(correctors) -> None:
             _require(not (c.get("bias_removal", False) and c.get("infeasible") == "shrink"),
                      f"corrector.{name}: bias_removal already removes E[e | u]'s slope at every step; "
                      "infeasible=shrink adds nothing")
+            _number(c.get("shrink_strength", 1.0), f"corrector.{name}.shrink_strength", 0)
+            _require(c.get("shrink_strength", 1.0) == 1 or c.get("infeasible") == "shrink",
+                     f"corrector.{name}.shrink_strength scales infeasible=shrink's slope; set "
+                     f"corrector.{name}.infeasible=shrink with it")
         if c.kind == "d2dpm":
             _choice(c.get("variant", "deterministic"), f"corrector.{name}.variant", D2DPM_VARIANTS)
             _seed(c.get("seed", 0), f"corrector.{name}.seed")

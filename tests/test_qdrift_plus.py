@@ -97,6 +97,15 @@ def test_shrink_removes_the_slope_of_e_given_u_only_where_no_sigma_is_exact(kind
         expected = a - where[i].view(1, 4, 1) * slope * (u - mu_u)
         assert torch.allclose(b, expected, atol=1e-6)
         assert torch.equal(a[:, ~where[i]], b[:, ~where[i]])      # feasible channels: untouched, bit for bit
+    # shrink_strength scales that slope and nothing else: 0 is `skip`, 2 removes twice the shrink.
+    for strength in (0.0, 2.0):
+        scaled = make_corrector("qdrift", stats, mode="exact", infeasible="shrink", mean_removal=0.3,
+                                shrink_strength=strength)
+        scaled.prepare(sch)
+        assert torch.equal(scaled.coef.p, plain.coef.p) and torch.equal(scaled.coef.out, plain.coef.out)
+        for i in range(20):
+            a, b, c = plain.transform_output(i, u), shrink.transform_output(i, u), scaled.transform_output(i, u)
+            assert torch.allclose(c, a + strength * (b - a), atol=1e-6)
 
 
 def test_qdrift_plus_shrink_runs_through_the_runner_and_differs_only_by_its_last_steps(run_tiny):
@@ -138,6 +147,10 @@ def test_shrink_is_refused_with_bias_removal_and_by_the_paper_rule():
         make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="shrink", bias_removal=True)
     with pytest.raises(ValueError, match="not a choice of the paper rule"):
         make_corrector("qdrift", gaussian_stats(), mode="paper", infeasible="shrink")
+    with pytest.raises(ValueError, match="shrink_strength scales"):
+        make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="skip", shrink_strength=1.5)
+    with pytest.raises(ValueError, match="shrink_strength scales"):
+        make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="shrink", shrink_strength=-0.5)
 
 
 def test_mean_removal_subtracts_that_fraction_of_the_resolved_mean_error_per_channel():
@@ -184,6 +197,10 @@ def test_bad_options_are_refused(options, match):
     (["corrector.qdrift_plus.infeasible=apply"], "not a choice of the exact rule"),
     (["corrector.qdrift_plus.mean_removal=0", "+corrector.qdrift_plus.bias_removal=true",
       "corrector.qdrift_plus.infeasible=shrink"], "infeasible=shrink adds nothing"),
+    (["corrector.qdrift_plus.infeasible=skip", "+corrector.qdrift_plus.shrink_strength=1.5"],
+     "shrink_strength scales infeasible=shrink's slope"),
+    (["corrector.qdrift_plus.infeasible=shrink", "+corrector.qdrift_plus.shrink_strength=-1"],
+     "shrink_strength must be a number >= 0"),
     (["eval.pool=train"], "eval.pool"),
     (["+objective=qdrift_plus"], "needs eval.pool=tune"),
     (["+objective=qdrift", "eval.pool=tune"], "must name one of this run's corrector variants"),

@@ -134,12 +134,12 @@ class QDrift(Corrector):
     residual variance away at those steps, but the part of the output's spread that the error explains
     can be. That is D-D^2's correction, confined to those steps and channels, with its one slope and
     centre per step (the fit pooled over channels; E[e | u] fitted per channel hurt on bench_flow's tune
-    pool, experiments/results/qdrift_plus_shrink_bench.md).
+    pool, experiments/results/qdrift_plus_shrink_bench.md). `shrink_strength` scales that slope (1: E[e | u]'s).
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
                  drift_scale: float = 1.0, bias_removal: bool = False, mean_removal: float = 0.0,
-                 infeasible: str | None = None):
+                 infeasible: str | None = None, shrink_strength: float = 1.0):
         super().__init__(stats, layout)
         if drift_scale < 0:
             raise ValueError(f"drift_scale must be >= 0, got {drift_scale}")
@@ -152,6 +152,10 @@ class QDrift(Corrector):
         self.mean_removal, self.infeasible = float(mean_removal), infeasible_choice(mode, infeasible)
         if bias_removal and self.infeasible == "shrink":
             raise ValueError("bias_removal already removes E[e | u]'s slope at every step: infeasible=shrink adds nothing")
+        if shrink_strength < 0 or (shrink_strength != 1 and self.infeasible != "shrink"):
+            raise ValueError(f"shrink_strength scales infeasible=shrink's slope (>= 0), got {shrink_strength} with "
+                             f"infeasible={self.infeasible}")
+        self.shrink_strength = float(shrink_strength)
         self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
         self.shrink: torch.Tensor | None = None   # (S, C) slope where the output is shrunk, else 0; per schedule
         self._noisy = False                        # this step is DDIM's with eta > 0
@@ -165,7 +169,7 @@ class QDrift(Corrector):
         if self.infeasible == "shrink":   # where the rule itself applies (not on stochastic samplers)
             where = torch.zeros_like(self.stats.residual_var, dtype=torch.bool) if schedule.stochastic else \
                 ~feasible_steps(schedule, self.stats.residual_var)
-            self.shrink = where.to(torch.float64) * self.stats.scalar().regression_slope
+            self.shrink = where.to(torch.float64) * self.shrink_strength * self.stats.scalar().regression_slope
         return coefficients(schedule, self.stats.residual_var, self.mode, self.infeasible).scaled(self.drift_scale)
 
     def transform_output(self, i, u):
