@@ -110,13 +110,17 @@ def gap_rows(runs: list, correctors: list[str]) -> tuple[list[str], list[list[st
 
 
 def versus_rows(runs: list, ref: str, correctors: list[str]) -> tuple[list[str], list[list[str]]]:
-    """`ref` against each other corrector, per setting over the replicates that ran both: the gap
+    """`ref` against each other corrector, per setting over the replicates where both ran: the gap
     recovered by ref minus the other's, in percentage points with its 95% t-interval over the paired
-    replicates, in bold where ref's FID is below the other's with its t-interval below zero (ref ahead)
-    and marked "(behind)" where that interval is above zero."""
-    if not any(ref in r.variants for r in runs):
-        raise ValueError(f"no run has the corrector {ref!r} to compare against (found: {', '.join(correctors)})")
+    replicates. Bold where ref is ahead in a way that replicates: that interval above zero and the FID
+    difference's below zero (the two disagree only when replicates' FP-quantized gaps differ a lot or
+    change sign, and then nothing is marked); "(behind)" for the reverse."""
+    if ref not in correctors:
+        raise ValueError(f"no run has the corrector {ref!r} to compare against (correctors found: "
+                         f"{', '.join(correctors) or 'none'})")
     others = [c for c in correctors if c != ref]
+    if not others:
+        raise ValueError(f"the runs have no corrector besides {ref!r} to compare it with")
     extra, settings = _settings(runs)
     out = []
     for prefix, members in settings:
@@ -129,9 +133,9 @@ def versus_rows(runs: list, ref: str, correctors: list[str]) -> tuple[list[str],
                 continue
             cell = f"{100 * gap[0]:+.0f} pp" + (f" [{100 * gap[1]:+.0f}, {100 * gap[2]:+.0f}]" if math.isfinite(gap[1]) else "")
             cell += f" (n={v[c]['n']})" if v[c]["n"] != len(members) else ""
-            if fid[2] < 0:          # NaN bounds (one replicate) mark nothing
+            if gap[1] > 0 and fid[2] < 0:          # NaN bounds (one replicate) mark nothing
                 cell = f"**{cell}**"
-            elif fid[1] > 0:
+            elif gap[2] < 0 and fid[1] > 0:
                 cell += " (behind)"
             row.append(cell)
         out.append(row)
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versus", metavar="CORRECTOR",
                    help="with replicates: CORRECTOR against each other corrector, per setting: the difference in "
                         "gap recovered (percentage points) with its 95%% t-interval over paired replicates, bold "
-                        "where CORRECTOR's FID is significantly lower, '(behind)' where higher")
+                        "where CORRECTOR is significantly ahead (that interval and the FID difference's agree), "
+                        "'(behind)' where significantly behind")
     args = p.parse_args(argv)
     args.deltas |= args.gaps or args.per_replicate or bool(args.versus)   # all are views of --deltas
     files = sorted({f for root in args.roots for f in ([root / "metrics.json"] if (root / "metrics.json").is_file()
@@ -195,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         files = sorted(runs)
+        if args.versus and (args.gaps or args.per_replicate):
+            print("error: --versus is a view of its own; give it without --gaps or --per-replicate", file=sys.stderr)
+            return 2
         if args.versus and not has_replicates(list(runs.values())):
             print("error: --versus compares correctors over replicates; these runs have none", file=sys.stderr)
             return 2

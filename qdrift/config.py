@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .distributed import world
-from .drift.correctors import CORRECTORS, D2DPM_VARIANTS
+from .drift.correctors import CORRECTORS, D2DPM_VARIANTS, SHRINK_CENTRES
 from .drift.rules import INFEASIBLE, MODES, schedule_of
 from .drift.statistics import POOLINGS
 from .prompts import POOLS
@@ -364,6 +364,10 @@ def _validate_correctors(correctors) -> None:
                      f"corrector.{name}: bias_removal already removes E[e | u]'s slope at every step; "
                      "infeasible=shrink adds nothing")
             _number(c.get("shrink_strength", 1.0), f"corrector.{name}.shrink_strength", 0)
+            _choice(c.get("shrink_centre", "pooled"), f"corrector.{name}.shrink_centre", SHRINK_CENTRES)
+            _require(c.get("shrink_centre", "pooled") == "pooled" or c.get("infeasible") == "shrink",
+                     f"corrector.{name}.shrink_centre is where infeasible=shrink shrinks toward; set "
+                     f"corrector.{name}.infeasible=shrink with it")
             _require(c.get("shrink_strength", 1.0) == 1 or c.get("infeasible") == "shrink",
                      f"corrector.{name}.shrink_strength scales infeasible=shrink's slope; set "
                      f"corrector.{name}.infeasible=shrink with it")

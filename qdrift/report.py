@@ -220,17 +220,22 @@ def replicate_summary(members: list[Run], correctors: list[str]) -> dict:
 
 
 def versus_summary(members: list[Run], ref: str, correctors: list[str]) -> dict:
-    """Per corrector c other than `ref`, over the replicates that have both: n, the FID difference
-    FID[ref] - FID[c] and the gap-recovered difference gap[ref] - gap[c], each (mean, low, high) with a
-    Student-t interval. Paired by replicate, so the PTQ draw's share of the variation cancels."""
+    """Per corrector c other than `ref`, over the replicates where both have a finite FID and a gap to
+    recover: n, the FID difference FID[ref] - FID[c] and the gap-recovered difference gap[ref] - gap[c],
+    each (mean, low, high) with a Student-t interval. Paired by replicate, so the PTQ draw's share of the
+    variation cancels; both intervals come from the same replicates."""
     out = {}
     for c in correctors:
         if c == ref:
             continue
-        both = [r for r in members if "fid" in r.variants.get(ref, {}) and "fid" in r.variants.get(c, {})]
-        fid = [r.variants[ref]["fid"] - r.variants[c]["fid"] for r in both]
-        gap = [g_ref[0] - g_c[0] for r in both
-               if (g_ref := gap_recovered(r.variants, ref)) and (g_c := gap_recovered(r.variants, c))]
+        fid, gap = [], []
+        for r in members:
+            a, b = (r.variants.get(v, {}).get("fid") for v in (ref, c))
+            g_ref, g_c = (gap_recovered(r.variants, v) if v in r.variants else None for v in (ref, c))
+            if a is None or b is None or g_ref is None or g_c is None or not all(map(math.isfinite, (a, b))):
+                continue
+            fid.append(a - b)
+            gap.append(g_ref[0] - g_c[0])
         out[c] = {"n": len(fid), "fid": t_interval(fid) if fid else None, "gap": t_interval(gap) if gap else None}
     return out
 

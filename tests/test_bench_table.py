@@ -203,6 +203,63 @@ def test_versus_compares_two_correctors_paired_by_replicate(tmp_path, capsys):
     assert "**" not in dit
 
 
+def _pair(path: Path, r: int, quant: float, ref: float | None, peer: float | None) -> None:
+    """A replicate with FP 0.1, the given quantized FID, and Q-Drift's and PTQD's FIDs (None: not run)."""
+    _replicate(path, r, 0.0)
+    m = json.loads((path / "metrics.json").read_text())
+    m["variants"] = {"fp": {"fid": 0.1}, "quant": {"fid": quant}}
+    for name, fid in (("qdrift", ref), ("ptqd", peer)):
+        if fid is not None:
+            m["variants"][name] = {"fid": fid, "fid_delta_vs_quant": fid - quant,
+                                   "fid_delta_ci_low": fid - quant - 0.01, "fid_delta_ci_high": fid - quant + 0.01}
+    (path / "metrics.json").write_text(json.dumps(m))
+
+
+def test_versus_marks_only_where_the_printed_interval_agrees(tmp_path, capsys):
+    """The FID difference is significant in every setting below, but where the replicates' FP-quantized
+    gaps differ widely the gap difference's interval (the one printed) spans zero: no bold there."""
+    for r, gap in enumerate((0.1, 0.01, 1.0)):   # ref 0.010-0.012 below the peer in FID each time
+        _pair(tmp_path / "wide" / f"{r}_x", r, 0.1 + gap, 0.1 + gap / 2 - 0.010 - r / 1000, 0.1 + gap / 2)
+    assert bench_table.main(["--versus", "qdrift", str(tmp_path)]) == 0
+    cell = capsys.readouterr().out.strip().splitlines()[-1].split(" | ")[-1]
+    low = float(cell.split("[")[1].split(",")[0])
+    assert low < 0 and "**" not in cell and "behind" not in cell
+
+
+def test_versus_counts_the_replicates_it_pairs(tmp_path, capsys):
+    """A replicate without the peer, or with a non-finite FID, is left out of the pairs and the cell
+    says over how many it ran; a setting without any pair prints "-"."""
+    _pair(tmp_path / "a" / "0_x", 0, 0.2, 0.15, 0.17)
+    _pair(tmp_path / "a" / "1_x", 1, 0.2, 0.16, 0.18)
+    _pair(tmp_path / "a" / "2_x", 2, 0.2, 0.15, None)           # the peer did not run
+    _pair(tmp_path / "a" / "3_x", 3, 0.2, float("nan"), 0.18)   # a broken FID
+    _pair(tmp_path / "b" / "0_x", 0, 0.3, 0.25, None)
+    _pair(tmp_path / "b" / "1_x", 1, 0.3, 0.25, None)
+    for d in ("b/0_x", "b/1_x"):                                # another setting: bench_unet
+        m = json.loads((tmp_path / d / "metrics.json").read_text())
+        m["config"]["model"]["name"] = "bench_unet"
+        (tmp_path / d / "metrics.json").write_text(json.dumps(m))
+        (tmp_path / d / ".hydra" / "overrides.yaml").write_text(f"- replicate={d[2]}\n- model=bench_unet\n")
+    assert bench_table.main(["--versus", "qdrift", str(tmp_path)]) == 0
+    row = {line.split(" / ")[0].strip("| "): line for line in capsys.readouterr().out.strip().splitlines()[2:]}
+    assert row["bench_dit"].endswith("| 4 | **+20 pp [+20, +20] (n=2)** |")   # differences 0.02 and 0.02 of a 0.1 gap
+    assert row["bench_unet"].endswith("| 2 | - |")
+
+
+def test_versus_refuses_what_it_cannot_compare(tmp_path, capsys):
+    _pair(tmp_path / "a" / "0_x", 0, 0.2, 0.15, 0.17)
+    _pair(tmp_path / "a" / "1_x", 1, 0.2, 0.16, 0.18)
+    for args, match in ((["--versus", "fp"], "no run has the corrector 'fp'"),
+                        (["--versus", "qdrift", "--gaps"], "a view of its own"),
+                        (["--versus", "qdrift", "--per-replicate"], "a view of its own")):
+        assert bench_table.main([*args, str(tmp_path)]) == 2
+        assert match in capsys.readouterr().err
+    _pair(tmp_path / "only" / "0_x", 0, 0.2, 0.15, None)
+    _pair(tmp_path / "only" / "1_x", 1, 0.2, 0.16, None)
+    assert bench_table.main(["--versus", "qdrift", str(tmp_path / "only")]) == 2
+    assert "no corrector besides 'qdrift'" in capsys.readouterr().err
+
+
 def test_versus_needs_the_corrector_and_replicates(tmp_path, capsys):
     _with_peer(tmp_path / "a" / "0_x", 0, -0.03, -0.02)
     _with_peer(tmp_path / "a" / "1_x", 1, -0.03, -0.02)

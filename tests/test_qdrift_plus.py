@@ -106,6 +106,15 @@ def test_shrink_removes_the_slope_of_e_given_u_only_where_no_sigma_is_exact(kind
         for i in range(20):
             a, b, c = plain.transform_output(i, u), shrink.transform_output(i, u), scaled.transform_output(i, u)
             assert torch.allclose(c, a + strength * (b - a), atol=1e-6)
+    # shrink_centre=channel: the same slope, toward each channel's own mean output.
+    centred = make_corrector("qdrift", stats, mode="exact", infeasible="shrink", mean_removal=0.3,
+                             shrink_centre="channel")
+    centred.prepare(sch)
+    for i in range(20):
+        a, c = plain.transform_output(i, u), centred.transform_output(i, u)
+        slope = pooled.regression_slope[i].float()
+        expected = a - where[i].view(1, 4, 1) * slope * (u - stats.mu_u[i].float().view(1, 4, 1))
+        assert torch.allclose(c, expected, atol=1e-6)
 
 
 def test_qdrift_plus_shrink_runs_through_the_runner_and_differs_only_by_its_last_steps(run_tiny):
@@ -151,6 +160,13 @@ def test_shrink_is_refused_with_bias_removal_and_by_the_paper_rule():
         make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="skip", shrink_strength=1.5)
     with pytest.raises(ValueError, match="shrink_strength scales"):
         make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="shrink", shrink_strength=-0.5)
+    with pytest.raises(ValueError, match="shrink_centre is where"):
+        make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="skip", shrink_centre="channel")
+    with pytest.raises(ValueError, match="shrink_centre is where"):
+        make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="shrink", shrink_centre="median")
+    for bad in (float("nan"), True, "2"):
+        with pytest.raises(ValueError, match="shrink_strength scales"):
+            make_corrector("qdrift", gaussian_stats(), mode="exact", infeasible="shrink", shrink_strength=bad)
 
 
 def test_mean_removal_subtracts_that_fraction_of_the_resolved_mean_error_per_channel():
@@ -201,6 +217,10 @@ def test_bad_options_are_refused(options, match):
      "shrink_strength scales infeasible=shrink's slope"),
     (["corrector.qdrift_plus.infeasible=shrink", "+corrector.qdrift_plus.shrink_strength=-1"],
      "shrink_strength must be a number >= 0"),
+    (["corrector.qdrift_plus.infeasible=skip", "+corrector.qdrift_plus.shrink_centre=channel"],
+     "shrink_centre is where infeasible=shrink shrinks toward"),
+    (["corrector.qdrift_plus.infeasible=shrink", "+corrector.qdrift_plus.shrink_centre=median"],
+     "shrink_centre='median' is not an option"),
     (["eval.pool=train"], "eval.pool"),
     (["+objective=qdrift_plus"], "needs eval.pool=tune"),
     (["+objective=qdrift", "eval.pool=tune"], "must name one of this run's corrector variants"),

@@ -12,6 +12,8 @@ All read the same `DriftStatistics` and keep the wrapped scheduler's `step` sign
 """
 from __future__ import annotations
 
+import math
+
 import zlib
 
 import torch
@@ -121,6 +123,9 @@ class Corrector(StepHook):
         return mu_e + slope * (u.float() - mu_u)
 
 
+SHRINK_CENTRES = ("pooled", "channel")   # infeasible=shrink: toward the pooled mean output or each channel's
+
+
 class QDrift(Corrector):
     """Q-Drift: per-step drift rescaling from V_i (mode "paper" or "exact"), optional bias removal.
 
@@ -134,12 +139,13 @@ class QDrift(Corrector):
     residual variance away at those steps, but the part of the output's spread that the error explains
     can be. That is D-D^2's correction, confined to those steps and channels, with its one slope and
     centre per step (the fit pooled over channels; E[e | u] fitted per channel hurt on bench_flow's tune
-    pool, experiments/results/qdrift_plus_shrink_bench.md). `shrink_strength` scales that slope (1: E[e | u]'s).
+    pool, experiments/results/qdrift_plus_shrink_bench.md). `shrink_strength` scales that slope (1: E[e | u]'s);
+    `shrink_centre` "channel" shrinks toward each channel's mean output instead of the pooled one.
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
                  drift_scale: float = 1.0, bias_removal: bool = False, mean_removal: float = 0.0,
-                 infeasible: str | None = None, shrink_strength: float = 1.0):
+                 infeasible: str | None = None, shrink_strength: float = 1.0, shrink_centre: str = "pooled"):
         super().__init__(stats, layout)
         if drift_scale < 0:
             raise ValueError(f"drift_scale must be >= 0, got {drift_scale}")
@@ -152,10 +158,16 @@ class QDrift(Corrector):
         self.mean_removal, self.infeasible = float(mean_removal), infeasible_choice(mode, infeasible)
         if bias_removal and self.infeasible == "shrink":
             raise ValueError("bias_removal already removes E[e | u]'s slope at every step: infeasible=shrink adds nothing")
-        if shrink_strength < 0 or (shrink_strength != 1 and self.infeasible != "shrink"):
+        if isinstance(shrink_strength, bool) or not isinstance(shrink_strength, (int, float)) or \
+                not math.isfinite(shrink_strength) or shrink_strength < 0 or \
+                (shrink_strength != 1 and self.infeasible != "shrink"):
             raise ValueError(f"shrink_strength scales infeasible=shrink's slope (>= 0), got {shrink_strength} with "
                              f"infeasible={self.infeasible}")
         self.shrink_strength = float(shrink_strength)
+        if shrink_centre not in SHRINK_CENTRES or (shrink_centre != "pooled" and self.infeasible != "shrink"):
+            raise ValueError(f"shrink_centre is where infeasible=shrink shrinks toward, one of {list(SHRINK_CENTRES)}; "
+                             f"got {shrink_centre!r} with infeasible={self.infeasible}")
+        self.shrink_centre = shrink_centre
         self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
         self.shrink: torch.Tensor | None = None   # (S, C) slope where the output is shrunk, else 0; per schedule
         self._noisy = False                        # this step is DDIM's with eta > 0
@@ -182,7 +194,8 @@ class QDrift(Corrector):
         if self.mean_removal:
             out = out - self.mean_removal * self._vec(self.shrunk_mean, i, u)
         if shrinks:
-            out = out - self._vec(self.shrink, i, u) * (u.float() - self._vec(self.stats.scalar().mu_u, i, u))
+            centre = self.stats.mu_u if self.shrink_centre == "channel" else self.stats.scalar().mu_u
+            out = out - self._vec(self.shrink, i, u) * (u.float() - self._vec(centre, i, u))
         return out.to(u.dtype)
 
     def drift_factors(self) -> torch.Tensor:
