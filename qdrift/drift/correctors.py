@@ -13,7 +13,6 @@ All read the same `DriftStatistics` and keep the wrapped scheduler's `step` sign
 from __future__ import annotations
 
 import math
-
 import zlib
 
 import torch
