@@ -230,9 +230,11 @@ def versus_summary(members: list[Run], ref: str, correctors: list[str]) -> dict:
             continue
         fid, gap = [], []
         for r in members:
-            a, b = (r.variants.get(v, {}).get("fid") for v in (ref, c))
-            g_ref, g_c = (gap_recovered(r.variants, v) if v in r.variants else None for v in (ref, c))
-            if a is None or b is None or g_ref is None or g_c is None or not all(map(math.isfinite, (a, b))):
+            g_ref, g_c = gap_recovered(r.variants, ref), gap_recovered(r.variants, c)   # None: no FID to pair
+            if g_ref is None or g_c is None:
+                continue
+            a, b = r.variants[ref]["fid"], r.variants[c]["fid"]
+            if not (math.isfinite(a) and math.isfinite(b)):
                 continue
             fid.append(a - b)
             gap.append(g_ref[0] - g_c[0])

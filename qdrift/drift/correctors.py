@@ -189,12 +189,12 @@ class QDrift(Corrector):
         shrinks = self.shrink is not None and not self._noisy and bool(self.shrink[i].any())
         if not (self.mean_removal or shrinks):
             return u
-        out = u.float()
+        u32 = out = u.float()
         if self.mean_removal:
             out = out - self.mean_removal * self._vec(self.shrunk_mean, i, u)
         if shrinks:
             centre = self.stats.mu_u if self.shrink_centre == "channel" else self.stats.scalar().mu_u
-            out = out - self._vec(self.shrink, i, u) * (u.float() - self._vec(centre, i, u))
+            out = out - self._vec(self.shrink, i, u) * (u32 - self._vec(centre, i, u))
         return out.to(u.dtype)
 
     def drift_factors(self) -> torch.Tensor:
