@@ -8,6 +8,8 @@
   variant; stochastic samplers absorb Var(e | u) into their noise) or a draw of e | u (stochastic variant).
 - `CumComp` (after Liu et al. 2025, arXiv 2508.12094): remove each step's systematic (mean) error where
   it enters, so that no mean deviation accumulates along the trajectory.
+- `MatchedDrift` (matched.py, beyond the paper): Q-Drift's drift with its per-step size fitted on closed-loop
+  calibration runs to keep the FP trajectory's latent variance.
 All read the same `DriftStatistics` and keep the wrapped scheduler's `step` signature.
 """
 from __future__ import annotations
@@ -293,11 +295,13 @@ class CumComp(Corrector):
         return (u.float() - self._vec(self.stats.mu_e, i, u)).to(u.dtype)
 
 
-CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM, "cumcomp": CumComp}
+from .matched import MatchedDrift  # noqa: E402 - it builds on Corrector, defined above
+
+CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM, "cumcomp": CumComp, "matched": MatchedDrift}
 # Code version of each corrector's rules (rules.py included): bump when a change alters its images.
 # ptqd 2: k from the scalar fit, clamped at 0; bias per the statistics' pooling (channel by default).
 # d2dpm 2: the stochastic variant draws per trajectory (independent of the batch).
-CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 2, "d2dpm": 2, "cumcomp": 1}
+CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 2, "d2dpm": 2, "cumcomp": 1, "matched": 1}
 
 
 def make_corrector(kind: str, stats: DriftStatistics, layout: str = "image", **options) -> Corrector:

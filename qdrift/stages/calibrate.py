@@ -124,9 +124,13 @@ def corrector_drift_factors(ctx, pool: CalibrationPool) -> dict[str, list]:
     replaying the pipeline's own set_timesteps call that calibration recorded (FLUX's shifted sigmas
     included), so no model runs. A diagnostic: a failure is a warning, never the run's end (the
     generate stage builds the same correctors and says why)."""
+    from qdrift.drift import CORRECTORS
+
     from .generate import corrector_for, variants
 
-    specs = {name: spec for name, spec in variants(ctx).items() if spec is not None}
+    # Only kinds with drift factors: building the others may be heavy (the matched drift's fit).
+    specs = {name: spec for name, spec in variants(ctx).items()
+             if spec is not None and hasattr(CORRECTORS[spec["kind"]], "drift_factors")}
     call = pool.manifest.get("sampler_call")
     if not specs or call is None:
         return {}

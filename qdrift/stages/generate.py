@@ -21,6 +21,7 @@ from qdrift.prompts import to_pil
 from qdrift.quant import quant_enabled
 
 from .context import batches
+from .match import fit_matched, match_artifact
 from .sampling import call_pipeline
 
 log = logging.getLogger("qdrift")
@@ -38,7 +39,8 @@ def corrector_for(ctx, name: str, spec: dict, pool: CalibrationPool):
     options = {k: v for k, v in spec.items() if k not in ("kind", "pooling")}
     stats = pool.fit(int(ctx.cfg.calib.num_runs), spec.get("pooling", "scalar"))
     stats.check_compatible(ctx.settings())
-    return make_corrector(spec["kind"], stats, ctx.family.latent_layout, **options)
+    hook = make_corrector(spec["kind"], stats, ctx.family.latent_layout, **options)
+    return fit_matched(ctx, spec, hook) if spec["kind"] == "matched" else hook
 
 
 def variant_key(ctx, spec: dict | None, quantized: bool) -> dict:
@@ -47,6 +49,8 @@ def variant_key(ctx, spec: dict | None, quantized: bool) -> dict:
            "batch_size": int(ctx.cfg.batch_size), "code": GENERATE_VERSION, "corrector": None}
     if spec is not None:
         key |= {"corrector": spec, "corrector_version": CORRECTOR_VERSIONS[spec["kind"]], "stats": ctx.stats_key}
+        if spec["kind"] == "matched":
+            key["fit"] = match_artifact(ctx, spec).key
     return key
 
 
