@@ -368,16 +368,17 @@ def _validate_correctors(correctors) -> None:
             _require(c.get("shrink_centre", "pooled") == "pooled" or c.get("infeasible") == "shrink",
                      f"corrector.{name}.shrink_centre is where infeasible=shrink shrinks toward; set "
                      f"corrector.{name}.infeasible=shrink with it")
+            from .prompts import TUNE_EXCLUDE
+
+            runs = _int(c.get("mean_map_runs", 0), f"corrector.{name}.mean_map_runs", 0)
+            _require(runs != 1, f"corrector.{name}.mean_map_runs=1: the map's standard error needs at least 2 runs")
+            _require(runs <= TUNE_EXCLUDE, f"corrector.{name}.mean_map_runs={runs}: the map's calibration prompts "
+                                           f"must stay out of the tune pool, which skips the first {TUNE_EXCLUDE}")
+            _require(not runs or c.get("mean_removal", 0.0), f"corrector.{name}.mean_map_runs is the map mean "
+                                                             f"removal subtracts; set corrector.{name}.mean_removal > 0")
             _require(c.get("shrink_strength", 1.0) == 1 or c.get("infeasible") == "shrink",
                      f"corrector.{name}.shrink_strength scales infeasible=shrink's slope; set "
                      f"corrector.{name}.infeasible=shrink with it")
-        if c.kind == "matched":
-            from .prompts import TUNE_EXCLUDE
-
-            runs = _int(c.get("runs", 64), f"corrector.{name}.runs", 2)   # a variance needs two values
-            _number(c.get("mean_removal", 0.0), f"corrector.{name}.mean_removal", 0, 1)
-            _require(runs <= TUNE_EXCLUDE, f"corrector.{name}.runs={runs}: the fit's calibration prompts must stay "
-                                           f"out of the tune pool, which skips the first {TUNE_EXCLUDE}")
         if c.kind == "d2dpm":
             _choice(c.get("variant", "deterministic"), f"corrector.{name}.variant", D2DPM_VARIANTS)
             _seed(c.get("seed", 0), f"corrector.{name}.seed")
@@ -394,11 +395,6 @@ def _validate_sampling_with_correctors(cfg) -> None:
         raise ConfigError(f"the correctors cannot run with {where}: {one_line(err)}; use a sampler with a "
                           "Q-Drift rule for it (e.g. sampler=dpmpp or ddim) or corrector=none") from None
     eta = sampler_eta(cfg.sampler)
-    matched = [name for name, c in cfg.corrector.items() if c.kind == "matched"]
-    _require(not matched or (eta == 0 and not schedule.stochastic and schedule.kind != "euler_a"),
-             f"{', '.join(f'corrector.{n}' for n in matched)}: the matched drift needs a deterministic sampler, and "
-             f"{where} (sampler.options={dict(cfg.sampler.options or {})}) adds its own noise; use euler, "
-             "flow_euler, dpmpp or ddim with eta=0")
     if eta > 0:
         _check_correctors_with_eta(cfg, eta)
         return

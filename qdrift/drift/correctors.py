@@ -8,8 +8,6 @@
   variant; stochastic samplers absorb Var(e | u) into their noise) or a draw of e | u (stochastic variant).
 - `CumComp` (after Liu et al. 2025, arXiv 2508.12094): remove each step's systematic (mean) error where
   it enters, so that no mean deviation accumulates along the trajectory.
-- `MatchedDrift` (matched.py, beyond the paper): Q-Drift's drift with its per-step size fitted on closed-loop
-  calibration runs to keep the FP trajectory's latent variance.
 All read the same `DriftStatistics` and keep the wrapped scheduler's `step` signature.
 """
 from __future__ import annotations
@@ -20,6 +18,7 @@ import zlib
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from .error_map import to_latent
 from .hooks import StepHook
 from .layout import broadcastable, check_layout
 from .rules import (Coefficients, Schedule, ancestral_noise_scale, coefficients, ddim_noise_std, feasible_steps,
@@ -142,11 +141,14 @@ class QDrift(Corrector):
     centre per step (the fit pooled over channels; E[e | u] fitted per channel hurt on bench_flow's tune
     pool, experiments/results/qdrift_plus_shrink_bench.md). `shrink_strength` scales that slope (1: E[e | u]'s);
     `shrink_centre` "channel" shrinks toward each channel's mean output instead of the pooled one.
+    `mean_map_runs` > 0: the mean removed is the mean error map of that many runs, per channel and latent
+    position (drift/error_map.py, given with `use_mean_map`), instead of mu_e per channel.
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
                  drift_scale: float = 1.0, bias_removal: bool = False, mean_removal: float = 0.0,
-                 infeasible: str | None = None, shrink_strength: float = 1.0, shrink_centre: str = "pooled"):
+                 infeasible: str | None = None, shrink_strength: float = 1.0, shrink_centre: str = "pooled",
+                 mean_map_runs: int = 0):
         super().__init__(stats, layout)
         if drift_scale < 0:
             raise ValueError(f"drift_scale must be >= 0, got {drift_scale}")
@@ -169,9 +171,26 @@ class QDrift(Corrector):
             raise ValueError(f"shrink_centre is where infeasible=shrink shrinks toward, one of {list(SHRINK_CENTRES)}; "
                              f"got {shrink_centre!r} with infeasible={self.infeasible}")
         self.shrink_centre = shrink_centre
+        if isinstance(mean_map_runs, bool) or not isinstance(mean_map_runs, int) or mean_map_runs < 0 or \
+                mean_map_runs == 1 or (mean_map_runs and not self.mean_removal):
+            raise ValueError(f"mean_map_runs: the runs of the mean error map that mean removal subtracts (0: per "
+                             f"channel from the statistics, else >= 2, with mean_removal > 0), got {mean_map_runs!r}")
+        self.mean_map_runs = mean_map_runs
+        self.mean_map: torch.Tensor | None = None   # (S, C, P), use_mean_map
         self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
         self.shrink: torch.Tensor | None = None   # (S, C) slope where the output is shrunk, else 0; per schedule
         self._noisy = False                        # this step is DDIM's with eta > 0
+
+    def use_mean_map(self, mean_map: torch.Tensor) -> "QDrift":
+        """Mean removal subtracts this (S, C, P) map of the mean error (drift/error_map.py) instead of mu_e."""
+        steps, channels = self.stats.num_steps, self.stats.s_ee.shape[1]
+        if mean_map.ndim != 3 or mean_map.shape[0] != steps or (channels > 1 and mean_map.shape[1] != channels):
+            raise StatisticsMismatch(f"a mean error map of shape {tuple(mean_map.shape)} does not fit {steps} steps "
+                                     f"and {channels} channels")
+        if not torch.isfinite(mean_map).all():
+            raise ValueError("the mean error map has non-finite values")
+        self.mean_map = mean_map
+        return self
 
     def step(self, scheduler, i, model_output, sample, parent, step_kwargs):
         # DDIM with eta > 0 runs no drift rule (Corrector.step), so no infeasible-step choice either.
@@ -193,11 +212,21 @@ class QDrift(Corrector):
             return u
         u32 = out = u.float()
         if self.mean_removal:
-            out = out - self.mean_removal * self._vec(self.shrunk_mean, i, u)
+            out = out - self.mean_removal * self._mean_error(i, u)
         if shrinks:
             centre = self.stats.mu_u if self.shrink_centre == "channel" else self.stats.scalar().mu_u
             out = out - self._vec(self.shrink, i, u) * (u32 - self._vec(centre, i, u))
         return out.to(u.dtype)
+
+    def _mean_error(self, i: int, u: torch.Tensor) -> torch.Tensor:
+        if not self.mean_map_runs:
+            return self._vec(self.shrunk_mean, i, u)
+        if self.mean_map is None:
+            raise RuntimeError("mean_map_runs is set but no mean error map was given: call use_mean_map")
+        if self.mean_map[i].numel() != u[0].numel():
+            raise StatisticsMismatch(f"the mean error map has {self.mean_map[i].numel()} values per step, the latents "
+                                     f"{u[0].numel()}: it was computed at another resolution")
+        return to_latent(self.mean_map[i], u, self.layout)
 
     def drift_factors(self) -> torch.Tensor:
         """c_i per step (and channel): the relative change of each step's update (for plots and logs)."""
@@ -295,13 +324,11 @@ class CumComp(Corrector):
         return (u.float() - self._vec(self.stats.mu_e, i, u)).to(u.dtype)
 
 
-from .matched import MatchedDrift  # noqa: E402 - it builds on Corrector, defined above
-
-CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM, "cumcomp": CumComp, "matched": MatchedDrift}
+CORRECTORS = {"qdrift": QDrift, "ptqd": PTQD, "d2dpm": D2DPM, "cumcomp": CumComp}
 # Code version of each corrector's rules (rules.py included): bump when a change alters its images.
 # ptqd 2: k from the scalar fit, clamped at 0; bias per the statistics' pooling (channel by default).
 # d2dpm 2: the stochastic variant draws per trajectory (independent of the batch).
-CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 2, "d2dpm": 2, "cumcomp": 1, "matched": 1}
+CORRECTOR_VERSIONS = {"qdrift": 1, "ptqd": 2, "d2dpm": 2, "cumcomp": 1}
 
 
 def make_corrector(kind: str, stats: DriftStatistics, layout: str = "image", **options) -> Corrector:

@@ -24,7 +24,6 @@ from diffusers import (
 from .calibration import calibrate_denoisers
 from .correctors import make_corrector
 from .hooks import wrap_scheduler
-from .matched import TargetRecorder
 from .rules import schedule_of
 
 _SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
@@ -198,20 +197,6 @@ def correctors(pool, num_runs: int) -> dict:
         "d2dpm_stochastic": make_corrector("d2dpm", scalar, variant="stochastic"),
         "cumcomp": make_corrector("cumcomp", channel),
     }
-
-
-def fit_matched(stats, kind: str, steps: int, data: Mixture = Mixture(), error: QuantError = QuantError(),
-                runs: int = 64, seed: int = 0, pooling: str = "channel", mean_removal: float = 0.0):
-    """The matched drift (drift/matched.py) fitted on `runs` closed-loop runs of the quantized denoiser,
-    from initial noise and error draws of their own; `stats` from the run's calibration (step count)."""
-    latents = torch.randn((runs, 1, 16, 16), generator=torch.Generator().manual_seed(seed + 17))
-    recorder = TargetRecorder()
-    sample(kind, steps, latents, data, None, recorder, seed + 19)
-    hook = make_corrector("matched", stats, runs=runs, mean_removal=mean_removal)
-    hook.start_fit(recorder.table(steps), pooling)
-    sample(kind, steps, latents, data, error, hook, seed + 19)
-    hook.finish_fit()
-    return hook
 
 
 def run(kind: str, steps: int = 50, num_samples: int = 4096, num_runs: int = 5, seed: int = 0,

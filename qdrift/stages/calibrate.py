@@ -124,20 +124,16 @@ def corrector_drift_factors(ctx, pool: CalibrationPool) -> dict[str, list]:
     replaying the pipeline's own set_timesteps call that calibration recorded (FLUX's shifted sigmas
     included), so no model runs. A diagnostic: a failure is a warning, never the run's end (the
     generate stage builds the same correctors and says why)."""
-    from qdrift.drift import CORRECTORS
-
     from .generate import corrector_for, variants
 
-    # Only kinds with drift factors: building the others may be heavy (the matched drift's fit).
-    specs = {name: spec for name, spec in variants(ctx).items()
-             if spec is not None and hasattr(CORRECTORS[spec["kind"]], "drift_factors")}
+    specs = {name: spec for name, spec in variants(ctx).items() if spec is not None}
     call = pool.manifest.get("sampler_call")
     if not specs or call is None:
         return {}
     factors = {}
     for name, spec in specs.items():
         try:
-            hook = corrector_for(ctx, name, spec, pool)
+            hook = corrector_for(ctx, name, spec, pool, with_map=False)   # drift factors do not need it
             if hasattr(hook, "drift_factors"):
                 replay_set_timesteps(wrap_scheduler(ctx.base_scheduler, hook), call)   # prepares the hook
                 factors[name] = hook.drift_factors().double().tolist()

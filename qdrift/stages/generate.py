@@ -21,7 +21,7 @@ from qdrift.prompts import to_pil
 from qdrift.quant import quant_enabled
 
 from .context import batches
-from .match import fit_matched, match_artifact
+from .error_map import map_key, mean_error_map
 from .sampling import call_pipeline
 
 log = logging.getLogger("qdrift")
@@ -35,12 +35,15 @@ def variants(ctx) -> dict[str, dict | None]:
     return out
 
 
-def corrector_for(ctx, name: str, spec: dict, pool: CalibrationPool):
+def corrector_for(ctx, name: str, spec: dict, pool: CalibrationPool, with_map: bool = True):
+    """The variant's corrector; `with_map=False` leaves out the mean error map (diagnostics that do not need it)."""
     options = {k: v for k, v in spec.items() if k not in ("kind", "pooling")}
     stats = pool.fit(int(ctx.cfg.calib.num_runs), spec.get("pooling", "scalar"))
     stats.check_compatible(ctx.settings())
     hook = make_corrector(spec["kind"], stats, ctx.family.latent_layout, **options)
-    return fit_matched(ctx, spec, hook) if spec["kind"] == "matched" else hook
+    if with_map and spec.get("mean_map_runs"):
+        hook.use_mean_map(mean_error_map(ctx, int(spec["mean_map_runs"])))
+    return hook
 
 
 def variant_key(ctx, spec: dict | None, quantized: bool) -> dict:
@@ -49,8 +52,8 @@ def variant_key(ctx, spec: dict | None, quantized: bool) -> dict:
            "batch_size": int(ctx.cfg.batch_size), "code": GENERATE_VERSION, "corrector": None}
     if spec is not None:
         key |= {"corrector": spec, "corrector_version": CORRECTOR_VERSIONS[spec["kind"]], "stats": ctx.stats_key}
-        if spec["kind"] == "matched":
-            key["fit"] = match_artifact(ctx, spec).key
+        if spec.get("mean_map_runs"):
+            key["mean_map"] = map_key(ctx, int(spec["mean_map_runs"]))
     return key
 
 

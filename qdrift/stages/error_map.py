@@ -1,0 +1,78 @@
+"""The mean error map (drift/error_map.py) of R calibration runs, for Q-Drift's `mean_map_runs`.
+
+The runs are the calibration prompts and seeds 0..R-1 (those of the Q-Drift statistics, continued),
+teacher forced on the FP trajectory as in calibration. They run in chunks of MAP_CHUNK, a constant,
+each chunk a cached artifact with its sums: the map depends on R and on what the runs are, never on
+`batch_size` or `calib.batch_size`, and a larger R reuses the chunks it shares with a smaller one.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from qdrift.cache import Artifact, atomic_write_bytes, config_key, read_safetensors, safetensors_bytes
+from qdrift.distributed import barrier, shard
+from qdrift.drift import TeacherForcing, TrajectoryRecorder, wrap_scheduler
+from qdrift.drift.error_map import ErrorMapAccumulator, ErrorSums
+from qdrift.progress import progress
+from qdrift.quant import quant_enabled
+
+from .sampling import call_pipeline
+
+log = logging.getLogger("qdrift")
+MAP_CHUNK = 8            # runs per pipeline call (and per cached artifact)
+MAP_FILE = "error_map.safetensors"
+MAP_FORMAT = "qdrift-error-map/1"
+MAP_VERSION = 1          # bump when a change alters what a chunk records
+
+
+def map_plan(ctx, runs: int) -> list[tuple[Artifact, list[str], list[int]]]:
+    """The chunks that hold runs 0..runs-1: (artifact, prompts, seeds) each."""
+    prompts, seed = ctx.prompt_set.calib_prompts(runs), int(ctx.cfg.calib.seed)
+    plan = []
+    for start in range(0, runs, MAP_CHUNK):
+        idx = range(start, min(start + MAP_CHUNK, runs))
+        chunk_prompts, seeds = [prompts[i] for i in idx], [seed + i for i in idx]
+        art = Artifact(ctx.cache_dir, "error_map", {
+            **ctx.sampling_key(), "quant": ctx.quant_art.key if ctx.quant_art is not None else None,
+            "prompts": chunk_prompts, "seeds": seeds, "layout": ctx.family.latent_layout, "algorithm": MAP_VERSION,
+        })
+        plan.append((art, chunk_prompts, seeds))
+    return plan
+
+
+def map_key(ctx, runs: int) -> str:
+    """What the map of `runs` runs is (a corrector variant's images key on it)."""
+    return config_key([art.key for art, _, _ in map_plan(ctx, runs)])
+
+
+def mean_error_map(ctx, runs: int) -> torch.Tensor:
+    """(S, C, P) shrunk mean error of runs 0..runs-1, its chunks computed once and then read from the cache."""
+    plan = map_plan(ctx, runs)
+    todo = [item for item in shard(plan) if not item[0].verify()]   # torchrun: chunk c on rank c mod N
+    if todo:
+        log.info("mean error map: %d of %d chunks of %d runs to compute", len(todo), len(plan), MAP_CHUNK)
+    for art, prompts, seeds in progress(todo, desc="mean error map", unit="chunk", disable=not todo):
+        art.ensure(lambda staging, p=prompts, s=seeds: _map_chunk(ctx, p, s, staging))
+    barrier()   # every rank reads every chunk
+    sums = None
+    for art, _, seeds in plan:
+        tensors, _ = read_safetensors(art.file(MAP_FILE), MAP_FORMAT, {"total", "total_sq"})
+        part = ErrorSums(tensors["total"], tensors["total_sq"], len(seeds))
+        sums = part if sums is None else sums + part
+    return sums.shrunk_mean()
+
+
+def _map_chunk(ctx, prompts: list[str], seeds: list[int], staging) -> dict:
+    recorder = TrajectoryRecorder()
+    with quant_enabled(ctx.denoiser, False):
+        call_pipeline(ctx, prompts, seeds, wrap_scheduler(ctx.base_scheduler, recorder), output_type="latent")
+    acc = ErrorMapAccumulator(int(ctx.cfg.sampler.steps), ctx.family.latent_layout)
+    with quant_enabled(ctx.denoiser, ctx.quantized):
+        call_pipeline(ctx, prompts, seeds, wrap_scheduler(ctx.base_scheduler, TeacherForcing(recorder, acc)),
+                      output_type="latent")
+    sums = acc.sums()
+    atomic_write_bytes(staging / MAP_FILE, safetensors_bytes({"total": sums.total, "total_sq": sums.total_sq},
+                                                             MAP_FORMAT, {"runs": sums.runs}))
+    return {"runs": sums.runs}
