@@ -203,7 +203,7 @@ def check_config(cfg) -> None:
         _require(int(q.rank) < 32, f"model.arch_size=reduced has layers 32 wide, too narrow for SVDQuant rank "
                                    f"{q.rank}; add model.svdquant_rank=4")
     _validate_calib(cfg.calib)
-    _validate_correctors(cfg.corrector)
+    _validate_correctors(cfg.corrector, cfg.quant)
     _validate_sampling_with_correctors(cfg)
     _validate_eval(cfg)
     _validate_seeds(cfg)
@@ -330,6 +330,11 @@ def calib_runs(cfg) -> int:
     return -(-int(cfg.calib.num_runs) // bs) * bs
 
 
+def map_runs(cfg) -> int:
+    """Calibration runs the largest mean error map of the run's correctors uses (stages/error_map.py), or 0."""
+    return max([int(c.get("mean_map_runs", 0) or 0) for c in (cfg.corrector or {}).values()] or [0])
+
+
 def _validate_calib(c) -> None:
     _positive_int(c.num_runs, "calib.num_runs (K)")
     _seed(c.seed, "calib.seed")
@@ -337,7 +342,7 @@ def _validate_calib(c) -> None:
     _positive_int(c.batch_size, "calib.batch_size")
 
 
-def _validate_correctors(correctors) -> None:
+def _validate_correctors(correctors, quant) -> None:
     _require(correctors is None or isinstance(correctors, Mapping),
              f"corrector must be a mapping of variant name -> settings, got {correctors!r}")
     for name, c in (correctors or {}).items():
@@ -376,6 +381,8 @@ def _validate_correctors(correctors) -> None:
                                            f"must stay out of the tune pool, which skips the first {TUNE_EXCLUDE}")
             _require(not runs or c.get("mean_removal", 0.0), f"corrector.{name}.mean_map_runs is the map mean "
                                                              f"removal subtracts; set corrector.{name}.mean_removal > 0")
+            _require(not runs or quant.get("method", "none") != "none",
+                     f"corrector.{name}.mean_map_runs: the map is the mean quantization error, and quant=none has none")
             _require(c.get("shrink_strength", 1.0) == 1 or c.get("infeasible") == "shrink",
                      f"corrector.{name}.shrink_strength scales infeasible=shrink's slope; set "
                      f"corrector.{name}.infeasible=shrink with it")
@@ -471,7 +478,7 @@ def _validate_seeds(cfg) -> None:
     n = -(-int(cfg.eval.num_prompts) // bs) * bs   # images are made in whole batches (stages/generate.py)
     ranges = {"evaluation": (cfg.seed, cfg.seed + n)}
     if cfg.corrector:
-        ranges["calibration"] = (cfg.calib.seed, cfg.calib.seed + calib_runs(cfg))
+        ranges["calibration"] = (cfg.calib.seed, cfg.calib.seed + max(calib_runs(cfg), map_runs(cfg)))
     ptq = quant_calib_prompts(cfg.quant)
     if ptq:
         from .stages.context import ptq_seed_start

@@ -5,7 +5,7 @@ so the message is the one the reader would give, only before the hours of sampli
 """
 from __future__ import annotations
 
-from .config import ConfigError, calib_runs, one_line, quant_calib_prompts
+from .config import ConfigError, calib_runs, map_runs, one_line, quant_calib_prompts
 from .models.loaders import ModelUnavailable, check_available
 from .prompts import PromptSetUnavailable, eval_start, prompt_set
 
@@ -48,7 +48,7 @@ def _check_prompts(cfg) -> None:
     except PromptSetUnavailable as err:
         raise ConfigError(one_line(err)) from None
     n = int(e.num_prompts)
-    runs = calib_runs(cfg) if cfg.corrector else 0
+    runs = max(calib_runs(cfg), map_runs(cfg)) if cfg.corrector else 0
     ptq = quant_calib_prompts(cfg.quant)
     need = max(runs, ptq)
     what = f"the {source.name} prompt set"
@@ -61,8 +61,9 @@ def _check_prompts(cfg) -> None:
                           f"eval.num_prompts onwards), but {what} has {source.max_eval} evaluation prompts: it holds "
                           f"{source.max_eval // n} disjoint splits of {n}; lower eval.split or eval.num_prompts{more}")
     if source.max_calib is not None and need > source.max_calib:
-        uses = ([f"Q-Drift: {runs} = calib.num_runs={cfg.calib.num_runs} in whole batches of "
+        uses = ([f"Q-Drift: {calib_runs(cfg)} = calib.num_runs={cfg.calib.num_runs} in whole batches of "
                  f"calib.batch_size={cfg.calib.batch_size}"] if runs else []) + (
+                [f"the mean error map: mean_map_runs={map_runs(cfg)}"] if map_runs(cfg) else []) + (
                 [f"PTQ: {ptq} = quant.calib_prompts"] if ptq else [])
         raise ConfigError(f"this run needs {need} calibration prompts ({'; '.join(uses)}) but {what} has "
                           f"{source.max_calib} outside its evaluation split")

@@ -13,12 +13,11 @@ from qdrift.stages import error_map as map_mod
 
 from .conftest import compose_cfg
 from .test_correctors import pool_of
-from .test_stage_keys import stage_keys
 
 
 def sums_of(e: torch.Tensor) -> ErrorSums:
     """(N runs, S steps, C, P) errors -> their sums, as the accumulator keeps them."""
-    return ErrorSums(e.sum(0), (e**2).sum(0), e.shape[0])
+    return ErrorSums(e.sum(0), (e**2).sum(0), (e.mean(-1) ** 2).sum(0), e.shape[0])
 
 
 def test_a_resolved_map_is_kept_and_an_unresolved_one_goes():
@@ -32,16 +31,23 @@ def test_a_resolved_map_is_kept_and_an_unresolved_one_goes():
     assert sums_of(noise).shrunk_mean().abs().max() < 0.25 * noise.mean(0).abs().max()
 
 
-def test_the_shrinkage_is_one_factor_per_step_and_channel():
-    """Vector James-Stein: the map keeps its shape and is scaled by 1 - (sum of se^2) / (sum of mean^2)."""
+def test_the_channel_mean_and_the_spatial_residual_are_shrunk_apart():
+    """A clear channel mean must not carry an unresolved spatial pattern along (review finding): the
+    residual gets a James-Stein factor of its own, and so does the channel mean."""
     g = torch.Generator().manual_seed(1)
-    e = torch.randn(10, 2, 3, 16, generator=g, dtype=torch.float64) + torch.tensor([0.0, 0.5, 2.0]).view(1, 1, 3, 1)
+    runs, positions = 64, 1024
+    e = 0.5 + torch.randn(runs, 1, 1, positions, generator=g, dtype=torch.float64)   # a channel mean, no pattern
     m, raw = sums_of(e).shrunk_mean(), e.mean(0)
-    se2 = (e.var(0, unbiased=True) / 10).sum(-1, keepdim=True)
-    factor = (1 - se2 / (raw**2).sum(-1, keepdim=True)).clamp_min(0)
-    assert torch.allclose(m, raw * factor)
-    assert (m[:, 0].abs() <= 0.5 * raw[:, 0].abs()).all()          # channel 0 has no mean: mostly gone
-    assert torch.allclose(m[:, 2], raw[:, 2], rtol=0.05)           # channel 2's is resolved: kept
+    assert torch.allclose(m.mean(-1), raw.mean(-1), rtol=0.01)            # the resolved channel mean stays
+    residual, raw_residual = m - m.mean(-1, keepdim=True), raw - raw.mean(-1, keepdim=True)
+    assert residual.pow(2).sum() < 0.05 * raw_residual.pow(2).sum()       # the noise around it mostly goes
+    # The formula: each part times max(0, 1 - se^2 / part^2), the residual as one vector.
+    channel = raw.mean(-1, keepdim=True)
+    se2_channel = e.mean(-1).var(0, unbiased=True).unsqueeze(-1) / runs
+    se2_residual = (e.var(0, unbiased=True) / runs).sum(-1, keepdim=True)
+    expected = channel * (1 - se2_channel / channel**2).clamp_min(0) + \
+        raw_residual * (1 - se2_residual / raw_residual.pow(2).sum(-1, keepdim=True)).clamp_min(0)
+    assert torch.allclose(m, expected, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="at least 2 runs"):
         sums_of(e[:1]).shrunk_mean()
 
@@ -67,6 +73,7 @@ def test_the_accumulator_reads_both_layouts_and_to_latent_inverts_the_view(layou
     view = by_channel(e.double(), layout)
     assert s.runs == 3 and torch.allclose(s.total[1], 2 * view.sum(0), atol=1e-5)
     assert torch.allclose(s.total_sq[0], (view**2).sum(0), atol=1e-5)
+    assert torch.allclose(s.channel_sq[1], (2 * view.mean(-1)).pow(2).sum(0), atol=1e-5)
     back = to_latent(view[0], e, layout)      # (C, P) -> the latent's own shape
     assert back.shape == (1, *shape[1:]) and torch.allclose(back[0], e[0])
     with pytest.raises(RuntimeError, match="did not see steps"):
@@ -125,50 +132,82 @@ def test_config_refuses_bad_map_settings_before_any_work(overrides, match):
         validate(compose_cfg(["corrector=qdrift_plus", *overrides]), inputs=False)
 
 
-MAP = ["corrector.qdrift.mode=exact", "+corrector.qdrift.mean_removal=0.5", "+corrector.qdrift.mean_map_runs=10"]
-
-
-@pytest.mark.parametrize("override", ["corrector.qdrift.mean_map_runs=12", "calib.seed=2000000", "quant.seed=1",
-                                      "sampler.steps=5", "quant.w_bits=8"])
-def test_the_maps_inputs_change_the_corrected_images_key(tmp_path, override):
-    """The map's runs, their seeds, the quantized model and the sampler are in the variant's key."""
-    before = stage_keys(tmp_path, MAP)
-    after = stage_keys(tmp_path, [*MAP, override])
-    assert before["qdrift"] != after["qdrift"]
-
-
-def test_the_map_key_ignores_batching(tmp_path):
+def map_ctx(tmp_path, overrides=()):
     from qdrift.prompts import prompt_set
+    from qdrift.stages import quantize as quantize_mod
     from qdrift.stages.context import RunContext
 
-    def key(overrides):
-        cfg = compose_cfg(["model=tiny_pixart", "eval=smoke", "quant=rtn_w4a8", "++quant.calib_prompts=2", *overrides],
-                          tmp_path)
-        source = prompt_set(cfg.eval)
-        ctx = RunContext(cfg, tmp_path / "run", torch.device("cpu"), source.eval_prompts(4), source)
-        ctx.weights = {"tensors": "digest-0"}
-        from qdrift.stages import quantize as quantize_mod
-        ctx.quant_art = quantize_mod.quant_artifact(ctx)
-        plan = map_mod.map_plan(ctx, 10)
-        return map_mod.map_key(ctx, 10), [len(seeds) for _, _, seeds in plan]
-
-    base, sizes = key([])
-    assert sizes == [8, 2]                     # fixed chunks of MAP_CHUNK runs
-    assert key(["calib.batch_size=3"])[0] == base   # (batch_size changes PTQ's batches, so the quantized model)
+    cfg = compose_cfg(["model=tiny_pixart", "eval=smoke", "quant=rtn_w4a8", "++quant.calib_prompts=2", *overrides],
+                      tmp_path)
+    source = prompt_set(cfg.eval)
+    ctx = RunContext(cfg, tmp_path / "run", torch.device("cpu"), source.eval_prompts(4), source)
+    ctx.weights = {"tensors": "digest-0"}
+    ctx.quant_art = quantize_mod.quant_artifact(ctx)
+    return ctx
 
 
-def test_a_run_with_the_map_computes_it_once_and_reuses_it(run_tiny, tmp_path):
+@pytest.mark.parametrize("override, moves", [
+    ("calib.seed=2000000", True), ("quant.seed=1", True), ("sampler.steps=5", True), ("quant.w_bits=8", True),
+    ("calib.batch_size=3", False), ("calib.num_runs=3", False), ("calib.trim_std=3.0", False), ("seed=7", False),
+])
+def test_the_map_key_holds_what_the_map_depends_on_and_nothing_else(tmp_path, override, moves):
+    base = map_mod.map_key(map_ctx(tmp_path), 10)
+    assert (map_mod.map_key(map_ctx(tmp_path, [override]), 10) != base) == moves
+    assert map_mod.map_key(map_ctx(tmp_path), 11) != base
+
+
+def test_the_variant_key_holds_the_map_key(tmp_path, monkeypatch):
+    from qdrift.stages import generate as generate_mod
+
+    ctx = map_ctx(tmp_path)
+    ctx.stats_key = "stats"
+    spec = {"kind": "qdrift", "mode": "exact", "mean_removal": 0.5, "mean_map_runs": 10}
+    assert generate_mod.variant_key(ctx, spec, True)["mean_map"] == map_mod.map_key(ctx, 10)
+    monkeypatch.setattr(generate_mod, "map_key", lambda ctx, runs: "another map")
+    assert generate_mod.variant_key(ctx, spec, True)["mean_map"] == "another map"
+    assert "mean_map" not in generate_mod.variant_key(ctx, {**spec, "mean_map_runs": 0}, True)
+
+
+def test_the_shrinkage_version_is_in_the_map_key(tmp_path, monkeypatch):
+    ctx = map_ctx(tmp_path)
+    before = map_mod.map_key(ctx, 10)
+    monkeypatch.setattr(map_mod, "SHRINKAGE_VERSION", 99)
+    assert map_mod.map_key(ctx, 10) != before
+
+
+def test_chunks_are_fixed_and_shared_by_a_larger_map(tmp_path):
+    ctx = map_ctx(tmp_path)
+    ten, twenty = map_mod.map_plan(ctx, 10), map_mod.map_plan(ctx, 20)
+    assert [len(seeds) for _, _, seeds in ten] == [8, 2] and [len(seeds) for _, _, seeds in twenty] == [8, 8, 4]
+    assert ten[0][0].key == twenty[0][0].key and ten[1][0].key != twenty[1][0].key
+
+
+def test_a_run_with_the_map_computes_it_once_and_reuses_it(run_tiny, tmp_path, monkeypatch):
     import numpy as np
     from PIL import Image
 
-    overrides = ["corrector=qdrift_plus_map", "corrector.qdrift_plus_map.mean_map_runs=3",
-                 "corrector.qdrift_plus_map.mean_removal=1.0"]
+    calls = []
+    real = map_mod._map_chunk
+    monkeypatch.setattr(map_mod, "_map_chunk", lambda *a: calls.append(1) or real(*a))
+    overrides = ["corrector=[qdrift_plus,qdrift_plus_map]", "corrector.qdrift_plus_map.mean_map_runs=10",
+                 "corrector.qdrift_plus_map.mean_removal=1.0", "corrector.qdrift_plus.mean_removal=1.0"]
     metrics, run_dir = run_tiny(overrides)
-    chunks = sorted((tmp_path / "cache" / "error_map").glob("*/manifest.json"))
-    assert len(chunks) == 1                   # 3 runs: one chunk
-    assert "qdrift_plus_map" in metrics["variants"]
-    again, run_dir2 = run_tiny(overrides)
-    assert sorted((tmp_path / "cache" / "error_map").glob("*/manifest.json")) == chunks
+    assert len(calls) == 2                     # 10 runs: two chunks, each computed once
+    assert "error_map/10" in metrics["timing"]
     pick = lambda d, v: np.asarray(Image.open(d / "images" / v / "0.png"), dtype=np.int16)   # noqa: E731
-    assert np.array_equal(pick(run_dir, "qdrift_plus_map"), pick(run_dir2, "qdrift_plus_map"))
-    assert np.abs(pick(run_dir, "qdrift_plus_map") - pick(run_dir, "quant")).max() > 0
+    # Same settings but the mean removed: the map per position against the channel mean.
+    assert np.abs(pick(run_dir, "qdrift_plus_map") - pick(run_dir, "qdrift_plus")).max() > 0
+    again, _ = run_tiny(overrides)             # every image cached: the map is not even read
+    assert len(calls) == 2 and "error_map/10" not in again["timing"]
+    other, _ = run_tiny([*overrides, "eval.split=1"])   # new images, the same map from the cache
+    assert len(calls) == 2 and "error_map/10" in other["timing"]
+
+
+def test_config_and_inputs_count_the_maps_runs(tmp_path):
+    base = ["model=tiny_pixart", "eval=smoke", "corrector=qdrift_plus_map"]
+    with pytest.raises(ConfigError, match="quant=none has none"):
+        validate(compose_cfg([*base, "quant=none"]), inputs=False)
+    with pytest.raises(ConfigError, match="mean_map_runs=2000"):   # the builtin set has fewer calibration prompts
+        validate(compose_cfg([*base, "corrector.qdrift_plus_map.mean_map_runs=2000"]))
+    with pytest.raises(ConfigError, match="calibration"):           # its seeds would reach the evaluation seeds
+        validate(compose_cfg([*base, "seed=20", "calib.seed=0"]), inputs=False)

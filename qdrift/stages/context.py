@@ -70,6 +70,7 @@ class RunContext:
     stats_key: str | None = None        # the calibrate stage's blocks + K (stages/calibrate.py)
     batch_prompts: list[str] = field(default_factory=list)   # prompts padded to whole batches
     timings: dict[str, float] = field(default_factory=dict)
+    mean_maps: dict[int, torch.Tensor] = field(default_factory=dict)   # stages/error_map.py, per number of runs
 
     def __post_init__(self):
         self.family = get_family(self.cfg.model.family)

@@ -2,19 +2,21 @@
 
 The runs are the calibration prompts and seeds 0..R-1 (those of the Q-Drift statistics, continued),
 teacher forced on the FP trajectory as in calibration. They run in chunks of MAP_CHUNK, a constant,
-each chunk a cached artifact with its sums: the map depends on R and on what the runs are, never on
-`batch_size` or `calib.batch_size`, and a larger R reuses the chunks it shares with a smaller one.
+each chunk a cached artifact with its sums: the map is a function of R, the runs and the quantized model,
+not of `calib.batch_size`, and a larger R reuses the whole chunks it shares with a smaller one. Under
+torchrun each rank builds its share of the chunks, then waits on the others' locks and reads them all.
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
 from qdrift.cache import Artifact, atomic_write_bytes, config_key, read_safetensors, safetensors_bytes
-from qdrift.distributed import barrier, shard
+from qdrift.distributed import shard
 from qdrift.drift import TeacherForcing, TrajectoryRecorder, wrap_scheduler
-from qdrift.drift.error_map import ErrorMapAccumulator, ErrorSums
+from qdrift.drift.error_map import SHRINKAGE_VERSION, ErrorMapAccumulator, ErrorSums
 from qdrift.progress import progress
 from qdrift.quant import quant_enabled
 
@@ -23,8 +25,9 @@ from .sampling import call_pipeline
 log = logging.getLogger("qdrift")
 MAP_CHUNK = 8            # runs per pipeline call (and per cached artifact)
 MAP_FILE = "error_map.safetensors"
-MAP_FORMAT = "qdrift-error-map/1"
-MAP_VERSION = 1          # bump when a change alters what a chunk records
+MAP_FORMAT = "qdrift-error-map/2"
+MAP_VERSION = 2          # bump when a change alters what a chunk records (2: each run's channel mean squared)
+SUMS = {"total", "total_sq", "channel_sq"}
 
 
 def map_plan(ctx, runs: int) -> list[tuple[Artifact, list[str], list[int]]]:
@@ -43,25 +46,32 @@ def map_plan(ctx, runs: int) -> list[tuple[Artifact, list[str], list[int]]]:
 
 
 def map_key(ctx, runs: int) -> str:
-    """What the map of `runs` runs is (a corrector variant's images key on it)."""
-    return config_key([art.key for art, _, _ in map_plan(ctx, runs)])
+    """What the shrunk map of `runs` runs is (a corrector variant's images key on it)."""
+    return config_key([art.key for art, _, _ in map_plan(ctx, runs)], SHRINKAGE_VERSION)
 
 
 def mean_error_map(ctx, runs: int) -> torch.Tensor:
-    """(S, C, P) shrunk mean error of runs 0..runs-1, its chunks computed once and then read from the cache."""
+    """(S, C, P) shrunk mean error of runs 0..runs-1: chunks computed once and then read from the cache,
+    the map itself kept for the rest of the run."""
+    if runs in ctx.mean_maps:
+        return ctx.mean_maps[runs]
     plan = map_plan(ctx, runs)
-    todo = [item for item in shard(plan) if not item[0].verify()]   # torchrun: chunk c on rank c mod N
+    mine = {id(item[0]) for item in shard(plan)}
+    todo = [item for item in plan if id(item[0]) in mine and not item[0].verify()]
+    start = time.perf_counter()
     if todo:
         log.info("mean error map: %d of %d chunks of %d runs to compute", len(todo), len(plan), MAP_CHUNK)
     for art, prompts, seeds in progress(todo, desc="mean error map", unit="chunk", disable=not todo):
         art.ensure(lambda staging, p=prompts, s=seeds: _map_chunk(ctx, p, s, staging))
-    barrier()   # every rank reads every chunk
     sums = None
-    for art, _, seeds in plan:
-        tensors, _ = read_safetensors(art.file(MAP_FILE), MAP_FORMAT, {"total", "total_sq"})
-        part = ErrorSums(tensors["total"], tensors["total_sq"], len(seeds))
+    for art, prompts, seeds in plan:   # the other ranks' chunks: wait on their locks, or build what is missing
+        art.ensure(lambda staging, p=prompts, s=seeds: _map_chunk(ctx, p, s, staging))
+        tensors, _ = read_safetensors(art.file(MAP_FILE), MAP_FORMAT, SUMS)
+        part = ErrorSums(tensors["total"], tensors["total_sq"], tensors["channel_sq"], len(seeds))
         sums = part if sums is None else sums + part
-    return sums.shrunk_mean()
+    ctx.timings[f"error_map/{runs}"] = round(time.perf_counter() - start, 3)
+    ctx.mean_maps[runs] = sums.shrunk_mean()
+    return ctx.mean_maps[runs]
 
 
 def _map_chunk(ctx, prompts: list[str], seeds: list[int], staging) -> dict:
@@ -73,6 +83,6 @@ def _map_chunk(ctx, prompts: list[str], seeds: list[int], staging) -> dict:
         call_pipeline(ctx, prompts, seeds, wrap_scheduler(ctx.base_scheduler, TeacherForcing(recorder, acc)),
                       output_type="latent")
     sums = acc.sums()
-    atomic_write_bytes(staging / MAP_FILE, safetensors_bytes({"total": sums.total, "total_sq": sums.total_sq},
-                                                             MAP_FORMAT, {"runs": sums.runs}))
+    atomic_write_bytes(staging / MAP_FILE, safetensors_bytes(
+        {"total": sums.total, "total_sq": sums.total_sq, "channel_sq": sums.channel_sq}, MAP_FORMAT, {"runs": sums.runs}))
     return {"runs": sums.runs}

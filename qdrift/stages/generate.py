@@ -71,8 +71,9 @@ def generate_stage(ctx, pool: CalibrationPool | None) -> dict[str, Path]:
     # Batch j of all variants, in order, goes to rank j mod N: a balanced share, the same on every rank.
     mine = {id(art) for art, _ in shard([item for arts in plan.values() for item in arts])}
     for name, spec in variants(ctx).items():
-        hook = corrector_for(ctx, name, spec, pool) if spec is not None else None   # checks the statistics
         todo = [(art, batch) for art, batch in plan[name] if id(art) in mine and not art.verify()]
+        # Checks the statistics; the mean error map (heavy) only when images are to be made.
+        hook = corrector_for(ctx, name, spec, pool, with_map=bool(todo)) if spec is not None else None
         if not todo:
             if not world().distributed:   # a rank may simply own none of this variant's batches
                 log.info("%s: %d images cached", name, len(ctx.prompts))
