@@ -381,6 +381,9 @@ def _validate_correctors(correctors, quant) -> None:
                                            f"must stay out of the tune pool, which skips the first {TUNE_EXCLUDE}")
             _require(not runs or c.get("mean_removal", 0.0), f"corrector.{name}.mean_map_runs is the map mean "
                                                              f"removal subtracts; set corrector.{name}.mean_removal > 0")
+            _bool(c.get("mean_map_spatial", True), f"corrector.{name}.mean_map_spatial")
+            _require(c.get("mean_map_spatial", True) or runs, f"corrector.{name}.mean_map_spatial=false keeps only the "
+                                                              f"map's channel means; set corrector.{name}.mean_map_runs")
             _require(not runs or quant.get("method", "none") != "none",
                      f"corrector.{name}.mean_map_runs: the map is the mean quantization error, and quant=none has none")
             _require(c.get("shrink_strength", 1.0) == 1 or c.get("infeasible") == "shrink",

@@ -98,6 +98,17 @@ def test_mean_removal_subtracts_the_map_instead_of_the_channel_mean():
     assert torch.allclose(plain, u - 0.5 * stats.shrunk_mean_error().float().view(1, 4, 1, 1))
 
 
+def test_without_the_spatial_part_only_the_maps_channel_means_are_removed():
+    stats = map_stats()
+    mean_map = torch.linspace(-1, 1, 24, dtype=torch.float64).view(1, 4, 6)
+    hook = make_corrector("qdrift", stats, mode="exact", mean_removal=0.5, mean_map_runs=8,
+                          mean_map_spatial=False).use_mean_map(mean_map)
+    u = torch.randn(2, 4, 2, 3)
+    assert torch.allclose(hook.transform_output(0, u), u - 0.5 * mean_map.mean(-1).float().view(1, 4, 1, 1))
+    with pytest.raises(ValueError, match="mean_map_spatial"):
+        make_corrector("qdrift", stats, mode="exact", mean_removal=0.5, mean_map_spatial=False)
+
+
 def test_the_map_must_fit_the_statistics_and_the_latents():
     stats = map_stats()
     hook = make_corrector("qdrift", stats, mode="exact", mean_removal=0.5, mean_map_runs=8)
@@ -126,6 +137,8 @@ def test_bad_map_options_are_refused(options):
     (["+corrector.qdrift_plus.mean_map_runs=5000"], "out of the tune pool"),
     (["+corrector.qdrift_plus.mean_map_runs=8", "corrector.qdrift_plus.mean_removal=0"], "mean_removal > 0"),
     (["+corrector.qdrift_plus.mean_map_runs=eight"], "must be an integer"),
+    (["+corrector.qdrift_plus.mean_map_spatial=false"], "set corrector.qdrift_plus.mean_map_runs"),
+    (["+corrector.qdrift_plus.mean_map_runs=8", "+corrector.qdrift_plus.mean_map_spatial=maybe"], "mean_map_spatial"),
 ])
 def test_config_refuses_bad_map_settings_before_any_work(overrides, match):
     with pytest.raises(ConfigError, match=match):

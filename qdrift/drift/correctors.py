@@ -143,12 +143,14 @@ class QDrift(Corrector):
     `shrink_centre` "channel" shrinks toward each channel's mean output instead of the pooled one.
     `mean_map_runs` > 0: the mean removed is the mean error map of that many runs, per channel and latent
     position (drift/error_map.py, given with `use_mean_map`), instead of mu_e per channel.
+    `mean_map_spatial` false keeps only that map's channel means: a control for how much of its effect is
+    the spatial pattern and how much the larger number of runs.
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
                  drift_scale: float = 1.0, bias_removal: bool = False, mean_removal: float = 0.0,
                  infeasible: str | None = None, shrink_strength: float = 1.0, shrink_centre: str = "pooled",
-                 mean_map_runs: int = 0):
+                 mean_map_runs: int = 0, mean_map_spatial: bool = True):
         super().__init__(stats, layout)
         if drift_scale < 0:
             raise ValueError(f"drift_scale must be >= 0, got {drift_scale}")
@@ -176,6 +178,10 @@ class QDrift(Corrector):
             raise ValueError(f"mean_map_runs: the runs of the mean error map that mean removal subtracts (0: per "
                              f"channel from the statistics, else >= 2, with mean_removal > 0), got {mean_map_runs!r}")
         self.mean_map_runs = mean_map_runs
+        if not isinstance(mean_map_spatial, bool) or (not mean_map_spatial and not mean_map_runs):
+            raise ValueError(f"mean_map_spatial=false keeps only the map's channel means (a control); it needs "
+                             f"mean_map_runs > 0, got mean_map_spatial={mean_map_spatial!r}, mean_map_runs={mean_map_runs}")
+        self.mean_map_spatial = mean_map_spatial
         self.mean_map: torch.Tensor | None = None   # (S, C, P), use_mean_map
         self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
         self.shrink: torch.Tensor | None = None   # (S, C) slope where the output is shrunk, else 0; per schedule
@@ -226,7 +232,10 @@ class QDrift(Corrector):
         if self.mean_map[i].numel() != u[0].numel():
             raise StatisticsMismatch(f"the mean error map has {self.mean_map[i].numel()} values per step, the latents "
                                      f"{u[0].numel()}: it was computed at another resolution")
-        return to_latent(self.mean_map[i], u, self.layout)
+        m = self.mean_map[i]
+        if not self.mean_map_spatial:   # the channel means of the same runs alone (the map's residual averages to 0)
+            m = m.mean(dim=-1, keepdim=True).expand_as(m)
+        return to_latent(m, u, self.layout)
 
     def drift_factors(self) -> torch.Tensor:
         """c_i per step (and channel): the relative change of each step's update (for plots and logs)."""
