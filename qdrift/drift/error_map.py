@@ -61,6 +61,7 @@ class ErrorMapAccumulator:
         self.num_steps, self.layout = num_steps, layout
         self.total: torch.Tensor | None = None
         self.total_sq: torch.Tensor | None = None
+        self.channel_sq: torch.Tensor | None = None
         self.runs = 0
         self.seen = torch.zeros(num_steps, dtype=torch.bool)
 
