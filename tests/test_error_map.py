@@ -224,3 +224,40 @@ def test_config_and_inputs_count_the_maps_runs(tmp_path):
         validate(compose_cfg([*base, "corrector.qdrift_plus_map.mean_map_runs=2000"]))
     with pytest.raises(ConfigError, match="calibration"):           # its seeds would reach the evaluation seeds
         validate(compose_cfg([*base, "seed=20", "calib.seed=0"]), inputs=False)
+
+
+# --- the analytic testbed (qdrift/drift/testbed.py): constant bias, no spatial pattern --------------------
+DETERMINISTIC = ["euler", "flow_euler", "dpmpp", "dpmpp_flow", "ddim"]
+
+
+@pytest.fixture(scope="module")
+def testbed_with_map():
+    from qdrift.drift import testbed
+
+    out = {}
+    for setting, error in testbed.SETTINGS.items():
+        for kind in DETERMINISTIC:
+            m = testbed.mean_error_map(kind, 20, error=error)
+
+            def correctors(pool, n, m=m):
+                stats = pool.fit(n, "channel")
+                return {"plus": make_corrector("qdrift", stats, **testbed.plus_options()),
+                        "plus_map": make_corrector("qdrift", stats, **testbed.plus_options(),
+                                                   mean_map_runs=64).use_mean_map(m)}
+
+            out[setting, kind] = testbed.run(kind, steps=20, num_samples=2048, error=error, make_correctors=correctors)
+    return out
+
+
+@pytest.mark.parametrize("setting", ["noise", "correlated", "biased"])
+def test_the_map_is_never_worse_than_the_quantized_sampler_on_the_testbed(testbed_with_map, setting):
+    for kind in DETERMINISTIC:
+        r = testbed_with_map[setting, kind]
+        assert r["plus_map"]["w1_to_fp"] <= r["quant"]["w1_to_fp"], kind
+
+
+def test_a_constant_bias_is_removed_better_by_the_maps_64_runs_than_by_k_5(testbed_with_map):
+    """No spatial pattern here: what the map adds is a channel mean resolved by 64 runs instead of 5."""
+    for kind in DETERMINISTIC:
+        r = testbed_with_map["biased", kind]
+        assert r["plus_map"]["w1_to_fp"] < r["plus"]["w1_to_fp"], kind

@@ -23,6 +23,7 @@ from diffusers import (
 
 from .calibration import calibrate_denoisers
 from .correctors import make_corrector
+from .error_map import ErrorMapAccumulator
 from .hooks import wrap_scheduler
 from .rules import schedule_of
 
@@ -197,6 +198,27 @@ def correctors(pool, num_runs: int) -> dict:
         "d2dpm_stochastic": make_corrector("d2dpm", scalar, variant="stochastic"),
         "cumcomp": make_corrector("cumcomp", channel),
     }
+
+
+def mean_error_map(kind: str, steps: int, data: Mixture = Mixture(), error: QuantError = QuantError(),
+                   runs: int = 64, seed: int = 0, shape=(4, 4)) -> torch.Tensor:
+    """Q-Drift+'s mean error map (error_map.py) of `runs` teacher-forced runs whose latents have the
+    evaluation samples' shape, from noise and error draws of their own."""
+    sch = scheduler_for(kind)
+    sch.set_timesteps(steps)
+    fp_model = ExactDenoiser(data, sch)
+    q_model = ExactDenoiser(data, sch, error, torch.Generator().manual_seed(seed + 23))
+    x = torch.randn((runs, 1, *shape), generator=torch.Generator().manual_seed(seed + 29))
+    x = x * float(getattr(sch, "init_noise_sigma", 1.0))
+    acc = ErrorMapAccumulator(steps)
+    with torch.random.fork_rng():   # Euler ancestral's steps draw from the global generator
+        torch.manual_seed(seed + 31)
+        for i, t in enumerate(sch.timesteps):
+            x_in = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
+            u_fp = fp_model(x_in, t)
+            acc.add(i, q_model(x_in, t), u_fp)
+            x = sch.step(u_fp, t, x).prev_sample
+    return acc.sums().shrunk_mean()
 
 
 def run(kind: str, steps: int = 50, num_samples: int = 4096, num_runs: int = 5, seed: int = 0,
