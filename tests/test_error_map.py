@@ -214,6 +214,12 @@ def test_a_run_with_the_map_computes_it_once_and_reuses_it(run_tiny, tmp_path, m
     assert len(calls) == 2 and "error_map/10" not in again["timing"]
     other, _ = run_tiny([*overrides, "eval.split=1"])   # new images, the same map from the cache
     assert len(calls) == 2 and "error_map/10" in other["timing"]
+    # A second map variant of another size in the same run: a map of its own (one more chunk), not the first's.
+    same = "kind:qdrift,mode:exact,infeasible:skip,drift_scale:0.5,mean_removal:1.0,pooling:channel"
+    two, run_dir2 = run_tiny(["corrector=none", f"+corrector.big_map={{{same},mean_map_runs:10}}",
+                              f"+corrector.small_map={{{same},mean_map_runs:3}}", "eval.split=2"])
+    assert len(calls) == 3 and {"error_map/10", "error_map/3"} <= set(two["timing"])
+    assert np.abs(pick(run_dir2, "big_map") - pick(run_dir2, "small_map")).max() > 0
 
 
 def test_config_and_inputs_count_the_maps_runs(tmp_path):

@@ -116,18 +116,21 @@ class TeacherForcing(StepHook):
 
 
 def calibrate_batch(run: Callable[[object, bool], None], scheduler, num_steps: int,
-                    layout: str = "image", trim_std: float = 4.0) -> tuple[PairedAccumulator, torch.Tensor]:
+                    layout: str = "image", trim_std: float = 4.0, accumulator=None) -> tuple[PairedAccumulator, torch.Tensor]:
     """Paired moments of one batch of runs through an unmodified pipeline.
 
     `run(scheduler, quantized)` must run the pipeline on the batch (same prompts, same seeds both
     times) with the given scheduler and the denoiser in FP (`quantized=False`) or quantized mode.
-    Returns the accumulator and the timesteps the sampler used.
+    Returns the accumulator and the timesteps the sampler used. `accumulator`: anything with
+    `add(i, u_quant, u_fp)` (default: a PairedAccumulator; error_map.py's keeps per-position sums); the
+    pipeline's set_timesteps call is recorded on it as `sampler_call`.
     """
     recorder = TrajectoryRecorder()
     fp_scheduler = wrap_scheduler(scheduler, recorder)
     calls = _record_set_timesteps(fp_scheduler)
     run(fp_scheduler, False)
-    accumulator = PairedAccumulator(num_steps, layout, trim_std)
+    if accumulator is None:
+        accumulator = PairedAccumulator(num_steps, layout, trim_std)
     run(wrap_scheduler(scheduler, TeacherForcing(recorder, accumulator)), True)
     accumulator.sampler_call = calls[-1] if calls else None
     return accumulator, recorder.timesteps
@@ -187,15 +190,23 @@ def calibrate_denoisers(
     `fp(x, t)` and `quantized(x, t)` return the guided raw output (epsilon, v or velocity) for the
     scaled input x at timestep t. `latents` is the initial noise of the K runs (one per row).
     """
+    acc = PairedAccumulator(num_steps, layout, trim_std)
+    timesteps = teacher_force(fp, quantized, scheduler, latents, num_steps, acc)
+    info = {"steps": len(timesteps), "timesteps": timesteps.double().cpu().tolist(),
+            "layout": layout, "channels": acc.channel.shape[2], "trim_std": trim_std}
+    return acc.pool({**info, **(manifest or {})})
+
+
+@torch.no_grad()
+def teacher_force(fp, quantized, scheduler, latents: torch.Tensor, num_steps: int, accumulator) -> torch.Tensor:
+    """Sample the FP trajectory from `latents` with two denoiser callables (`calibrate_denoisers`), handing
+    both outputs at every FP state to `accumulator.add(i, u_quant, u_fp)`; returns the timesteps."""
     scheduler = wrap_scheduler(scheduler, None)  # a fresh, unwrapped copy: do not disturb the caller's
     scheduler.set_timesteps(num_steps)
     x = latents * float(getattr(scheduler, "init_noise_sigma", 1.0))
-    acc = PairedAccumulator(len(scheduler.timesteps), layout, trim_std)
     for i, t in enumerate(scheduler.timesteps):
         x_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         u_fp = fp(x_in, t)
-        acc.add(i, quantized(x_in, t), u_fp)
+        accumulator.add(i, quantized(x_in, t), u_fp)
         x = scheduler.step(u_fp, t, x).prev_sample
-    info = {"steps": len(scheduler.timesteps), "timesteps": scheduler.timesteps.double().cpu().tolist(),
-            "layout": layout, "channels": acc.channel.shape[2], "trim_std": trim_std}
-    return acc.pool({**info, **(manifest or {})})
+    return scheduler.timesteps

@@ -21,7 +21,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
 )
 
-from .calibration import calibrate_denoisers
+from .calibration import calibrate_denoisers, teacher_force
 from .correctors import make_corrector
 from .error_map import ErrorMapAccumulator
 from .hooks import wrap_scheduler
@@ -208,16 +208,11 @@ def mean_error_map(kind: str, steps: int, data: Mixture = Mixture(), error: Quan
     sch.set_timesteps(steps)
     fp_model = ExactDenoiser(data, sch)
     q_model = ExactDenoiser(data, sch, error, torch.Generator().manual_seed(seed + 23))
-    x = torch.randn((runs, 1, *shape), generator=torch.Generator().manual_seed(seed + 29))
-    x = x * float(getattr(sch, "init_noise_sigma", 1.0))
+    latents = torch.randn((runs, 1, *shape), generator=torch.Generator().manual_seed(seed + 29))
     acc = ErrorMapAccumulator(steps)
     with torch.random.fork_rng():   # Euler ancestral's steps draw from the global generator
         torch.manual_seed(seed + 31)
-        for i, t in enumerate(sch.timesteps):
-            x_in = sch.scale_model_input(x, t) if hasattr(sch, "scale_model_input") else x
-            u_fp = fp_model(x_in, t)
-            acc.add(i, q_model(x_in, t), u_fp)
-            x = sch.step(u_fp, t, x).prev_sample
+        teacher_force(fp_model, q_model, sch, latents, steps, acc)
     return acc.sums().shrunk_mean()
 
 

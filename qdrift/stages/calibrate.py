@@ -83,14 +83,17 @@ def load_samples(arts: list[Artifact]) -> ErrorSamples | None:
     return samples
 
 
-def _calibrate_block(ctx, prompts: list[str], seeds: list[int], staging) -> dict:
-    cfg = ctx.cfg
-
+def paired_runs(ctx, prompts: list[str], seeds: list[int]):
+    """`run(scheduler, quantized)` for calibrate_batch: the batch's latents through the pipeline."""
     def run(scheduler, quantized: bool):
         with quant_enabled(ctx.denoiser, quantized):
             call_pipeline(ctx, prompts, seeds, scheduler, output_type="latent")
+    return run
 
-    acc, timesteps = calibrate_batch(run, ctx.base_scheduler, int(cfg.sampler.steps),
+
+def _calibrate_block(ctx, prompts: list[str], seeds: list[int], staging) -> dict:
+    cfg = ctx.cfg
+    acc, timesteps = calibrate_batch(paired_runs(ctx, prompts, seeds), ctx.base_scheduler, int(cfg.sampler.steps),
                                      ctx.family.latent_layout, float(cfg.calib.trim_std))
     pool = acc.pool({**ctx.settings(), "timesteps": timesteps.tolist(), "channels": acc.channel.shape[2],
                      "prompts": prompts, "seeds": seeds, "trim_std": float(cfg.calib.trim_std),

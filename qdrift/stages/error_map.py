@@ -15,12 +15,11 @@ import torch
 
 from qdrift.cache import Artifact, atomic_write_bytes, config_key, read_safetensors, safetensors_bytes
 from qdrift.distributed import shard
-from qdrift.drift import TeacherForcing, TrajectoryRecorder, wrap_scheduler
+from qdrift.drift import calibrate_batch
 from qdrift.drift.error_map import SHRINKAGE_VERSION, ErrorMapAccumulator, ErrorSums
 from qdrift.progress import progress
-from qdrift.quant import quant_enabled
 
-from .sampling import call_pipeline
+from .calibrate import paired_runs
 
 log = logging.getLogger("qdrift")
 MAP_CHUNK = 8            # runs per pipeline call (and per cached artifact)
@@ -61,11 +60,14 @@ def mean_error_map(ctx, runs: int) -> torch.Tensor:
     start = time.perf_counter()
     if todo:
         log.info("mean error map: %d of %d chunks of %d runs to compute", len(todo), len(plan), MAP_CHUNK)
-    for art, prompts, seeds in progress(todo, desc="mean error map", unit="chunk", disable=not todo):
-        art.ensure(lambda staging, p=prompts, s=seeds: _map_chunk(ctx, p, s, staging))
+    def ensure(art, prompts, seeds):
+        art.ensure(lambda staging: _map_chunk(ctx, prompts, seeds, staging))
+
+    for item in progress(todo, desc="mean error map", unit="chunk", disable=not todo):
+        ensure(*item)
     sums = None
     for art, prompts, seeds in plan:   # the other ranks' chunks: wait on their locks, or build what is missing
-        art.ensure(lambda staging, p=prompts, s=seeds: _map_chunk(ctx, p, s, staging))
+        ensure(art, prompts, seeds)
         tensors, _ = read_safetensors(art.file(MAP_FILE), MAP_FORMAT, SUMS)
         part = ErrorSums(tensors["total"], tensors["total_sq"], tensors["channel_sq"], len(seeds))
         sums = part if sums is None else sums + part
@@ -75,13 +77,8 @@ def mean_error_map(ctx, runs: int) -> torch.Tensor:
 
 
 def _map_chunk(ctx, prompts: list[str], seeds: list[int], staging) -> dict:
-    recorder = TrajectoryRecorder()
-    with quant_enabled(ctx.denoiser, False):
-        call_pipeline(ctx, prompts, seeds, wrap_scheduler(ctx.base_scheduler, recorder), output_type="latent")
     acc = ErrorMapAccumulator(int(ctx.cfg.sampler.steps), ctx.family.latent_layout)
-    with quant_enabled(ctx.denoiser, ctx.quantized):
-        call_pipeline(ctx, prompts, seeds, wrap_scheduler(ctx.base_scheduler, TeacherForcing(recorder, acc)),
-                      output_type="latent")
+    calibrate_batch(paired_runs(ctx, prompts, seeds), ctx.base_scheduler, acc.num_steps, accumulator=acc)
     sums = acc.sums()
     atomic_write_bytes(staging / MAP_FILE, safetensors_bytes(
         {"total": sums.total, "total_sq": sums.total_sq, "channel_sq": sums.channel_sq}, MAP_FORMAT, {"runs": sums.runs}))
