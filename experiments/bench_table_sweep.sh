@@ -9,7 +9,8 @@
 # cache (PART:QUANT,... runs only those quantizers). These jobs are queued round-robin on
 # JOBS_PER_GPU (1) slots per visible GPU, each slot working through its queue: the bench models
 # leave an H200 mostly idle, so several processes share one. CPU threads are split between the slots.
-# Resumable: run it again with the same OUT_ROOT and finished stages come from the cache.
+# Resumable: run it again with the same OUT_ROOT; finished jobs are skipped and finished stages come from
+# the cache.
 # PYTHON, PROMPTS (2000), BATCH (250), REPLICATES (0,1,2), CORRECTORS (all, or a Hydra list such as
 # [qdrift_plus,ptqd]), JOBS_PER_GPU and DEADLINE (seconds since the epoch: jobs still running then are
 # stopped, their finished stages cached) can be set.
@@ -40,9 +41,22 @@ slots=$(( ngpu * per_gpu ))
 threads=$(( $(nproc) / slots > 0 ? $(nproc) / slots : 1 ))
 mkdir -p "$root"
 
+finished() {   # finished SWEEP_DIR QUANT: a job of that sweep with this quantizer, correctors and prompts has its results
+  local o
+  for o in "$1"/*/.hydra/overrides.yaml; do
+    [[ -f ${o%/.hydra/overrides.yaml}/metrics.json ]] && grep -qxF -- "- quant=$2" "$o" \
+      && grep -qxF -- "- corrector=$correctors" "$o" && grep -qxF -- "- eval.num_prompts=${PROMPTS:-2000}" "$o" && return 0
+  done
+  return 1
+}
+
 run_job() {   # run_job GPU PART[:QUANTS] REPLICATE
-  local part=${2%%:*} quants=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8 left=$(( deadline - $(date +%s) ))
+  local part=${2%%:*} quants=svdquant_w4a4,svdquant_w3a4,mixdq_w4a8 left=$(( deadline - $(date +%s) )) q todo=()
   [[ $2 == *:* ]] && quants=${2#*:}
+  # A resumed sweep runs only the quantizers not finished yet: a finished job's directory is never reused.
+  for q in ${quants//,/ }; do finished "$root/$part/multirun_r$3" "$q" || todo+=("$q"); done
+  (( ${#todo[@]} )) || { echo "done: $part replicate $3 ($quants) has its results"; return 0; }
+  quants=$(IFS=,; echo "${todo[*]}")
   (( left > 10 )) || { echo "skip $part replicate $3: deadline" >&2; return 1; }
   echo "gpu $1: $part replicate $3 ($quants)"
   # shellcheck disable=SC2086  # the choice holds several overrides

@@ -36,14 +36,20 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def image_grid(run_dir: Path, num_prompts: int, count: int = 6) -> bytes | None:
-    """Rows = variants (fp, quant, correctors) and the reference; columns = the first `count` prompts."""
+def image_grid(run_dir: Path, num_prompts: int, count: int = 6, joined: tuple = ()) -> bytes | None:
+    """Rows = variants (fp, quant, correctors) and the reference; columns = the first `count` prompts.
+    `joined`: run directories of the same replicate whose other correctors' images join the grid."""
     images = Path(run_dir) / "images"
     if not images.is_dir():
         return None
     order = ["fp", "quant"]
-    names = order + sorted(p.name for p in images.iterdir() if p.is_dir() and p.name not in order)
-    rows = [(n, images / n) for n in names if (images / n).is_dir()]
+    found = {}
+    for d in (images, *(Path(j) / "images" for j in joined if (Path(j) / "images").is_dir())):
+        for v in d.iterdir():
+            if v.is_dir():
+                found.setdefault(v.name, v)
+    names = order + sorted(n for n in found if n not in order)
+    rows = [(n, found[n]) for n in names if n in found]
     if (Path(run_dir) / "references").is_dir():
         rows.append(("reference", Path(run_dir) / "references"))
     cols = [i for i in range(min(count, num_prompts)) if all((d / f"{i}.png").is_file() for _, d in rows)]

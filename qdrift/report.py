@@ -42,6 +42,7 @@ class Run:
     overrides: list[str]
     stats: dict | None = None
     flat: dict = field(default_factory=dict)
+    joined: list[Path] = field(default_factory=list)   # runs whose correctors drop_reruns joined to this one
 
     @property
     def variants(self) -> dict:
@@ -145,11 +146,13 @@ def replicate_id(run: Run) -> tuple:
     return tuple(run.flat.get(k, defaults.get(k)) for k in REPLICATE_KEYS)
 
 
-def replicate_groups(runs: list[Run], strict: bool = True) -> tuple[list[str], list[tuple[list[str], list[Run]]]]:
+def replicate_groups(runs: list[Run], strict: bool = True,
+                     join_correctors: bool = False) -> tuple[list[str], list[tuple[list[str], list[Run]]]]:
     """(setting keys, [(setting values, its runs)]): runs grouped by every setting key but the replicate
     keys, in first-seen order. `strict`: two runs of one setting that are the same replicate are refused
-    (a rerun would count twice; drop_reruns removes those with the same results)."""
-    keys = [k for k in varying_keys(runs) if k not in REPLICATE_KEYS]
+    (a rerun would count twice; drop_reruns removes those with the same results). `join_correctors`: runs
+    that differ in the `corrector` option only are one setting."""
+    keys = [k for k in varying_keys(runs) if k not in REPLICATE_KEYS and not (join_correctors and k == "corrector")]
     groups: dict[tuple, list[Run]] = {}
     for r in runs:
         groups.setdefault(tuple(setting_value(r, k) for k in keys), []).append(r)
@@ -164,22 +167,59 @@ def replicate_groups(runs: list[Run], strict: bool = True) -> tuple[list[str], l
 
 
 def drop_reruns(runs: list[Run]) -> list[Run]:
-    """The runs without reruns: a run that is the same replicate of one setting as an earlier one with
-    the same metrics, every variant's and every number (a resumed sweep's job run again from the cache),
-    is dropped, with a note on stderr; one with other metrics or variants is refused."""
+    """The runs without reruns, and with correctors added later joined in. A run that is the same
+    replicate of one setting as an earlier one:
+    - with the same metrics, every variant's and every number (a resumed sweep's job run again from the
+      cache), is dropped;
+    - with FP and quantized metrics that agree (relative 1e-6) and no shared corrector that differs (a
+      corrector run later on the same replicate, perhaps on another machine and cache), has its
+      correctors joined to the earlier run's, as if one run had made them all;
+    - otherwise is refused, unless the two name other `corrector` options (then each keeps its row).
+    Each drop and join is noted on stderr."""
     kept: dict[tuple, Run] = {}
-    for values, members in replicate_groups(runs, strict=False)[1]:
+    out = []
+    for values, members in replicate_groups(runs, strict=False, join_correctors=True)[1]:
         for r in members:
             other = kept.setdefault((tuple(values), replicate_id(r)), r)
             if other is r:
-                continue
-            if _results(other) != _results(r):
+                out.append(r)
+            elif _results(other) == _results(r):
+                print(f"note: {r.path} repeats {other.path} (same replicate, same metrics): counted once",
+                      file=sys.stderr)
+            elif _joinable(other, r):
+                _join(other, r)
+            elif setting_value(other, "corrector") != setting_value(r, "corrector"):
+                out.append(r)
+            else:
                 raise ValueError(f"{other.path} and {r.path} are the same replicate of one setting "
                                  f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}) with different variants or "
                                  "metrics; keep one of them")
-            print(f"note: {r.path} repeats {other.path} (same replicate, same metrics): counted once", file=sys.stderr)
-    keep = {id(r) for r in kept.values()}
+    keep = {id(r) for r in out}
     return [r for r in runs if id(r) in keep]
+
+
+def _same_numbers(a: dict, b: dict) -> bool:
+    """Two variants' metrics agree: the same keys, numbers equal to a relative 1e-6 (another GPU may
+    change the last digits; another quantized model or prompt set changes far more)."""
+    return a.keys() == b.keys() and all(
+        math.isclose(a[k], b[k], rel_tol=1e-6, abs_tol=1e-12) if isinstance(a[k], float) and isinstance(b[k], float)
+        and math.isfinite(a[k]) and math.isfinite(b[k]) else json.dumps(a[k]) == json.dumps(b[k]) for k in a)
+
+
+def _joinable(a: Run, b: Run) -> bool:
+    if a.metrics.get("num_prompts") != b.metrics.get("num_prompts"):
+        return False
+    shared = set(a.variants) & set(b.variants)
+    return set(BASELINES) <= shared and all(_same_numbers(a.variants[v], b.variants[v]) for v in shared)
+
+
+def _join(into: Run, r: Run) -> None:
+    added = [v for v in r.variants if v not in into.variants]
+    into.metrics = {**into.metrics, "variants": {**into.variants, **{v: r.variants[v] for v in added}}}
+    into.joined.append(r.path)
+    if added:
+        print(f"note: {r.path} is the same replicate as {into.path} (FP and quantized metrics agree): "
+              f"its {', '.join(added)} joined", file=sys.stderr)
 
 
 def _results(run: Run) -> str:
@@ -385,7 +425,7 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6, per_replic
     for lab, r in zip(labels, runs):
         parts.append(f"<h3>{html.escape(run_label(r, keys))}</h3><p><code>{html.escape(r.command())}</code><br>"
                      f"<small>{html.escape(str(r.path))}</small></p>")
-        grid = figures.image_grid(r.path, r.metrics.get("num_prompts", 0), grid_prompts)
+        grid = figures.image_grid(r.path, r.metrics.get("num_prompts", 0), grid_prompts, tuple(r.joined))
         if grid is not None:
             parts.append(f"<img alt='image grid' src='{_data_uri(grid)}'>")
     out.write_text(PAGE.format(body="\n".join(parts)))

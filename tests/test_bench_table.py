@@ -268,3 +268,54 @@ def test_versus_needs_the_corrector_and_replicates(tmp_path, capsys):
     _run(tmp_path / "plain" / "0_a", "bench_unet", +0.02)
     assert bench_table.main(["--versus", "qdrift", str(tmp_path / "plain")]) == 2
     assert "these runs have none" in capsys.readouterr().err
+
+
+def _add_corrector(path: Path, r: int, name: str, delta: float, quant_fid: float = 0.2,
+                   corrector: str | None = None) -> None:
+    """The same replicate as _replicate's run r, made again later with only another corrector."""
+    _replicate(path, r, 0.0)
+    metrics = json.loads((path / "metrics.json").read_text())
+    metrics["variants"] = {"fp": {"fid": 0.1}, "quant": {"fid": quant_fid},
+                           name: {"fid": quant_fid + delta, "fid_delta_vs_quant": delta,
+                                  "fid_delta_ci_low": delta - 0.01, "fid_delta_ci_high": delta + 0.01}}
+    (path / "metrics.json").write_text(json.dumps(metrics))
+    if corrector:
+        (path / ".hydra" / "overrides.yaml").write_text(f"- replicate={r}\n- model=bench_dit\n- corrector={corrector}\n")
+
+
+@pytest.mark.parametrize("corrector", [None, "[late]"])
+def test_a_corrector_run_later_on_the_same_replicates_joins_their_rows(tmp_path, capsys, corrector):
+    """A corrector added to a finished table (another sweep, another machine): its runs are the same
+    replicates (FP and quantized agree to rounding), so each joins its replicate's row; the table is as
+    if one run had made every corrector."""
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _replicate(tmp_path / "sweep" / "1_b", 1, -0.04)
+    _add_corrector(tmp_path / "later" / "0_a", 0, "late", -0.06, quant_fid=0.2 * (1 + 1e-9), corrector=corrector)
+    _add_corrector(tmp_path / "later" / "1_b", 1, "late", -0.08, corrector=corrector)
+    assert bench_table.main(["--deltas", "--gaps", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    rows = [line for line in out.out.splitlines() if "bench_dit" in line]
+    assert len(rows) == 1 and rows[0].endswith("| 2 | 0.1000 / 0.2000 | +30 % [-97, +157] | +70 % [-57, +197] |")
+    assert out.err.count("(FP and quantized metrics agree): its ") == 2
+    assert bench_table.main(["--versus", "late", str(tmp_path)]) == 0
+    assert "| **+40 pp [+40, +40]** |" in capsys.readouterr().out        # paired: 60-20 and 80-40
+
+
+def test_a_later_corrector_on_another_quantized_model_is_not_joined(tmp_path, capsys):
+    """Other quantized metrics mean another draw (another PTQ result, other prompts): not the same
+    replicate's row. With the same corrector option it is refused; with another it keeps its own row."""
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _add_corrector(tmp_path / "later" / "0_a", 0, "late", -0.06, quant_fid=0.21)
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 2
+    assert "same replicate of one setting" in capsys.readouterr().err
+    (tmp_path / "later" / "0_a" / ".hydra" / "overrides.yaml").write_text("- replicate=0\n- model=bench_dit\n- corrector=late\n")
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert "joined" not in out.err and len([line for line in out.out.splitlines() if "bench_dit" in line]) == 2
+
+
+def test_a_later_run_whose_shared_corrector_differs_is_refused(tmp_path, capsys):
+    _replicate(tmp_path / "sweep" / "0_a", 0, -0.02)
+    _add_corrector(tmp_path / "later" / "0_a", 0, "qdrift", -0.03)       # same name, other result
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 2
+    assert "same replicate of one setting" in capsys.readouterr().err

@@ -122,3 +122,27 @@ def test_stopping_the_sweep_stops_its_runs(tmp_path):
     for pid in runs:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_resumed_sweep_runs_only_the_unfinished_quantizers(tmp_path):
+    """A job with results is skipped when the sweep is run again (its directory is never reused); one of
+    another corrector list or prompt count is not the same job."""
+    def finished(job: str, quant: str, corrector: str = "all", prompts: int = 40):
+        d = tmp_path / "out" / "dit" / "multirun_r0" / job
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(
+            f"- model=bench_dit\n- quant={quant}\n- replicate=0\n- corrector={corrector}\n- eval.num_prompts={prompts}\n")
+        (d / "metrics.json").write_text("{}")
+
+    finished("0_w4", "svdquant_w4a4")
+    finished("1_w3", "svdquant_w3a4", corrector="qdrift")
+    finished("2_mixdq", "mixdq_w4a8", prompts=2000)
+    res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit")
+    assert res.returncode == 0, res.stderr
+    (call,) = (tmp_path / "calls").read_text().splitlines()
+    assert "quant=svdquant_w3a4,mixdq_w4a8 replicate=0" in call
+    finished("3_w3", "svdquant_w3a4")
+    finished("4_mixdq", "mixdq_w4a8")
+    res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit")
+    assert res.returncode == 0 and "done: dit replicate 0" in res.stdout
+    assert len((tmp_path / "calls").read_text().splitlines()) == 1

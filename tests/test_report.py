@@ -268,3 +268,23 @@ def test_a_bar_beyond_the_axis_limit_is_cut_and_labelled():
     png = gap_recovered_figure(["a", "b"], [{"qdrift": (-36.42, -62.68, -10.15)}, {"qdrift": (0.17, math.nan, math.nan)}],
                                limit=100)
     assert png.startswith(b"\x89PNG")
+
+
+def test_image_grid_takes_a_joined_runs_corrector_rows(tmp_path):
+    """A corrector joined from a later run of the same replicate gets its row of images in the grid."""
+    from PIL import Image
+
+    from qdrift.figures import image_grid
+
+    def images(run, variants):
+        for v in variants:
+            (run / "images" / v).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(run / "images" / v / f"{i}.png")
+
+    images(tmp_path / "a", ["fp", "quant", "qdrift"])
+    images(tmp_path / "b", ["fp", "quant", "late"])
+    rows = lambda png: Image.open(io.BytesIO(png)).size[1]   # noqa: E731  (one row of thumbnails each)
+    alone, joined = image_grid(tmp_path / "a", 2), image_grid(tmp_path / "a", 2, joined=(tmp_path / "b",))
+    assert rows(joined) > rows(alone)
+    assert image_grid(tmp_path / "a", 2, joined=(tmp_path / "missing",)) == alone
