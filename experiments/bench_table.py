@@ -74,9 +74,9 @@ def rows(metrics_file: Path) -> list[list[str]]:
     return out
 
 
-def delta_rows(metrics_file: Path, correctors: list[str]) -> list[str]:
-    """One row per setting: FID of FP and quantized, then each corrector's FID delta [95% CI]."""
-    result = json.loads(metrics_file.read_text())
+def delta_rows(result: dict, correctors: list[str]) -> list[str]:
+    """One row per setting (a run's metrics, with any joined correctors): FID of FP and quantized, then each
+    corrector's FID delta [95% CI]."""
     cfg, v = result["config"], result["variants"]
     out = [f"{cfg['model']['name']} / {sampler_label(cfg['sampler'])}, {cfg['sampler']['steps']}",
            cfg["quant"]["name"], f"{v['fp']['fid']:.4f} / {v['quant']['fid']:.4f}"]
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         def row(f):
             r = runs[f]
             extra = [setting_value(r, k) for k in swept]
-            base = delta_rows(f, correctors)
+            base = delta_rows(r.metrics, correctors)
             return base[:2] + extra + base[2:]
         table = sorted((row(f) for f in files), key=lambda r: r[:2 + len(swept)])
         print(markdown(table, ["model / sampler, steps", "quant", *swept, "FID fp / quant", *correctors]))

@@ -22,6 +22,7 @@ declare -A choice=([dit]="model=bench_dit" [unet]="model=bench_unet"
                    [flow_euler]="model=bench_flow sampler=flow_euler" [flow_dpmpp]="model=bench_flow sampler=dpmpp")
 for p in "$@"; do
   [[ -n ${choice[${p%%:*}]:-} ]] || { echo "error: unknown part '${p%%:*}' (dit unet flow_euler flow_dpmpp)" >&2; exit 2; }
+  [[ $p != *: ]] || { echo "error: '$p' names no quantizer after the colon (e.g. ${p}svdquant_w3a4)" >&2; exit 2; }
 done
 py=${PYTHON:-python}
 ngpu=$($py -c 'import torch; print(torch.cuda.device_count())')
@@ -41,7 +42,9 @@ slots=$(( ngpu * per_gpu ))
 threads=$(( $(nproc) / slots > 0 ? $(nproc) / slots : 1 ))
 mkdir -p "$root"
 
-finished() {   # finished SWEEP_DIR QUANT: a job of that sweep with this quantizer, correctors and prompts has its results
+# finished SWEEP_DIR QUANT: a job of that sweep with this quantizer, correctors and prompts has its results
+# (whatever its batch size: no number depends on it).
+finished() {
   local o
   for o in "$1"/*/.hydra/overrides.yaml; do
     [[ -f ${o%/.hydra/overrides.yaml}/metrics.json ]] && grep -qxF -- "- quant=$2" "$o" \

@@ -3,7 +3,7 @@
 the setting gets values of its own in conf/tuned.yaml.
 
     python run.py -m experiment=tune_qdrift_plus model=bench_unet quant=svdquant_w4a4 ...
-    python experiments/tune_summary.py outputs/multirun/DATE/TIME_xxxx [--yaml]
+    python experiments/tune_summary.py outputs/multirun/DATE/TIME_xxxx [MORE_SWEEPS_OF_ONE_STUDY ...] [--yaml]
 
 The rule (README, "Beyond the paper"): a setting gets the best trial's values only when that trial's
 paired 95% CI of the FID delta on the tune pool lies below zero; otherwise the setting keeps the default.
@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 NUMBERS = ("drift_scale", "mean_removal")
+SCHEDULE = ("drift_scale_end", "mean_removal_end")   # experiment=tune_qdrift_plus_schedule's trials have them
 CHOICES = ("infeasible",)          # in the table and the entry where the trials' configs have them
-PARAMS = NUMBERS + CHOICES
+PARAMS = NUMBERS + SCHEDULE + CHOICES
 
 
 def _fmt(value) -> str:
@@ -42,6 +43,8 @@ def trial(m: Path, corrector: str) -> dict:
             "setting": f"{cfg['model']['name']}/{cfg['sampler']['name']}/{cfg['quant']['name']}",
             "prompts": result["num_prompts"],
             **{k: float(cfg["corrector"][corrector][k]) for k in NUMBERS},
+            **{k: float(cfg["corrector"][corrector][k]) for k in SCHEDULE
+               if cfg["corrector"][corrector].get(k) is not None},
             **{k: str(cfg["corrector"][corrector][k]) for k in CHOICES if k in cfg["corrector"][corrector]},
             "delta": v["fid_delta_vs_quant"], "low": v["fid_delta_ci_low"], "high": v["fid_delta_ci_high"],
             "fid_fp": result["variants"]["fp"]["fid"], "fid_quant": result["variants"]["quant"]["fid"],
@@ -52,22 +55,32 @@ def trial(m: Path, corrector: str) -> dict:
         raise ValueError(f"{m}: {e}") from e
 
 
-def trials(sweep: Path, corrector: str) -> list[dict]:
+def trials(sweep: Path | list[Path], corrector: str) -> list[dict]:
     """One row per finished trial (a job folder with metrics.json), in job order; trials whose FID delta or
-    CI is not a finite number (a diverged run) are left out with a note, never taken for the best."""
-    rows = []
-    for m in sweep.glob("*/metrics.json"):
-        row = trial(m, corrector)
-        if all(math.isfinite(row[k]) for k in ("delta", "low", "high")):
-            rows.append(row)
-        else:
-            print(f"note: {m}: FID delta {row['delta']} [{row['low']}, {row['high']}] is not finite; left out",
-                  file=sys.stderr)
+    CI is not a finite number (a diverged run) are left out with a note, never taken for the best.
+    Several sweep folders (one study resumed from its Optuna storage, a folder per session) are numbered
+    on from one another, in the order given."""
+    rows, offset = [], 0
+    for folder in [sweep] if isinstance(sweep, Path) else sweep:
+        mine = []
+        for m in folder.glob("*/metrics.json"):
+            row = trial(m, corrector)
+            if all(math.isfinite(row[k]) for k in ("delta", "low", "high")):
+                mine.append(row)
+            else:
+                print(f"note: {m}: FID delta {row['delta']} [{row['low']}, {row['high']}] is not finite; left out",
+                      file=sys.stderr)
+        jobs = [int(m.parent.name.split("_", 1)[0]) for m in folder.glob("*/metrics.json")]
+        for row in mine:
+            row["job"] += offset
+        rows += mine
+        offset += max(jobs, default=-1) + 1
+    where = ", ".join(map(str, [sweep] if isinstance(sweep, Path) else sweep))
     if not rows:
-        raise FileNotFoundError(f"{sweep}: no finished trials (*/metrics.json) with a finite FID delta")
+        raise FileNotFoundError(f"{where}: no finished trials (*/metrics.json) with a finite FID delta")
     settings = {r["setting"] for r in rows}
     if len(settings) > 1:
-        raise ValueError(f"{sweep}: trials of several settings {sorted(settings)}; summarise one sweep at a time")
+        raise ValueError(f"{where}: trials of several settings {sorted(settings)}; summarise one setting at a time")
     return sorted(rows, key=lambda r: r["job"])
 
 
@@ -109,7 +122,8 @@ def yaml_entry(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sweep", type=Path, help="the tuning sweep's folder (one job folder per trial)")
+    ap.add_argument("sweep", type=Path, nargs="+", help="the tuning sweep's folder (one job folder per trial); "
+                    "several: one study resumed over several sweeps, numbered on in the order given")
     ap.add_argument("--corrector", default="qdrift_plus")
     ap.add_argument("--yaml", action="store_true", help="print the conf/tuned.yaml entry (nothing if the default stays)")
     args = ap.parse_args(argv)

@@ -342,6 +342,11 @@ def _validate_calib(c) -> None:
     _positive_int(c.batch_size, "calib.batch_size")
 
 
+def _removes_mean(c) -> bool:
+    """A Q-Drift variant removes some of the mean error at some step (mean_removal, or its end value)."""
+    return bool(c.get("mean_removal", 0.0) or c.get("mean_removal_end") or 0)
+
+
 def _validate_correctors(correctors, quant) -> None:
     _require(correctors is None or isinstance(correctors, Mapping),
              f"corrector must be a mapping of variant name -> settings, got {correctors!r}")
@@ -359,11 +364,15 @@ def _validate_correctors(correctors, quant) -> None:
             _number(c.get("drift_scale", 1.0), f"corrector.{name}.drift_scale", 0)
             _bool(c.get("bias_removal", False), f"corrector.{name}.bias_removal")
             _number(c.get("mean_removal", 0.0), f"corrector.{name}.mean_removal", 0, 1)
+            if c.get("drift_scale_end") is not None:
+                _number(c.drift_scale_end, f"corrector.{name}.drift_scale_end", 0)
+            if c.get("mean_removal_end") is not None:
+                _number(c.mean_removal_end, f"corrector.{name}.mean_removal_end", 0, 1)
             mode = c.get("mode", "paper")
             _require(c.get("infeasible") in (None, *INFEASIBLE[mode]),
                      f"corrector.{name}.infeasible={c.get('infeasible')!r} is not a choice of the {mode} rule "
                      f"(corrector.{name}.mode); choose one of {list(INFEASIBLE[mode])}")
-            _require(not (c.get("bias_removal", False) and c.get("mean_removal", 0.0)),
+            _require(not (c.get("bias_removal", False) and _removes_mean(c)),
                      f"corrector.{name}: bias_removal already removes the mean error; set mean_removal=0 with it")
             _require(not (c.get("bias_removal", False) and c.get("infeasible") == "shrink"),
                      f"corrector.{name}: bias_removal already removes E[e | u]'s slope at every step; "
@@ -379,8 +388,8 @@ def _validate_correctors(correctors, quant) -> None:
             _require(runs != 1, f"corrector.{name}.mean_map_runs=1: the map's standard error needs at least 2 runs")
             _require(runs <= TUNE_EXCLUDE, f"corrector.{name}.mean_map_runs={runs}: the map's calibration prompts "
                                            f"must stay out of the tune pool, which skips the first {TUNE_EXCLUDE}")
-            _require(not runs or c.get("mean_removal", 0.0), f"corrector.{name}.mean_map_runs is the map mean "
-                                                             f"removal subtracts; set corrector.{name}.mean_removal > 0")
+            _require(not runs or _removes_mean(c), f"corrector.{name}.mean_map_runs is the map mean removal "
+                                                   f"subtracts; set corrector.{name}.mean_removal > 0")
             _bool(c.get("mean_map_spatial", True), f"corrector.{name}.mean_map_spatial")
             _require(c.get("mean_map_spatial", True) or runs, f"corrector.{name}.mean_map_spatial=false keeps only the "
                                                               f"map's channel means; set corrector.{name}.mean_map_runs")
@@ -413,7 +422,7 @@ def _validate_sampling_with_correctors(cfg) -> None:
     for name, c in cfg.corrector.items():
         if c.kind != "qdrift":
             continue   # PTQD and D2DPM correct the model output, which acts on any sampler
-        if not (c.get("bias_removal", False) or c.get("mean_removal", 0.0)):
+        if not (c.get("bias_removal", False) or _removes_mean(c)):
             raise ConfigError(
                 f"corrector.{name}: Q-Drift's drift correction is off on stochastic samplers ({where}, "
                 f"sampler.options={dict(cfg.sampler.options or {})}), so this variant would equal the quantized "
@@ -426,7 +435,7 @@ def _check_correctors_with_eta(cfg, eta: float) -> None:
     """DDIM with eta > 0: Q-Drift's rules do not cover DDIM's own noise (its variants would equal the
     quantized one, bias removal aside); the peer correctors handle it."""
     inert = [name for name, c in cfg.corrector.items()
-             if c.kind == "qdrift" and not (c.get("bias_removal", False) or c.get("mean_removal", 0.0))]
+             if c.kind == "qdrift" and not (c.get("bias_removal", False) or _removes_mean(c))]
     if inert:
         raise ConfigError(
             f"{', '.join(f'corrector.{n}' for n in inert)}: Q-Drift has no drift rule for DDIM's own noise "

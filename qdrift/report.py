@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 BASELINES = ("fp", "quant")
 FIXED = ("model.name", "sampler.name", "sampler.steps", "quant.name", "calib.num_runs")
 GROUPS_IN_FIXED = ("model", "sampler", "quant")   # their option names are the fixed columns' *.name
-IGNORED = ("output_root", "cache_dir", "logger", "device")
+IGNORED = ("output_root", "cache_dir", "logger", "device", "batch_size", "cuda_graph")   # numbers do not depend on them
 SAMPLES_FILE = "samples.safetensors"   # a run's raw calibration samples in stats/ (stages/calibrate.py)
 
 
@@ -98,7 +98,22 @@ def varying_keys(runs: list[Run]) -> list[str]:
     named = sorted({o.split("=", 1)[0].lstrip("+~") for r in runs for o in r.overrides if "=" in o})
     varying = [k for k in named if k not in FIXED and k not in GROUPS_IN_FIXED and not k.startswith(IGNORED)
                and not k.startswith("hydra") and len({setting_value(r, k) for r in runs}) > 1]
+    if "corrector" in varying and not _needs_corrector_key(runs, [*FIXED, *varying]):
+        varying.remove("corrector")   # each run's correctors are its columns; the option name tells nothing more
     return [*FIXED, *varying]
+
+
+def _needs_corrector_key(runs: list[Run], keys: list[str]) -> bool:
+    """The `corrector` option is a setting key only where it keeps apart two runs that are otherwise one
+    replicate of one setting (runs drop_reruns could not join)."""
+    others = [k for k in keys if k != "corrector"]
+    seen = set()
+    for r in runs:
+        ident = (tuple(setting_value(r, k) for k in others), replicate_id(r))
+        if ident in seen:
+            return True
+        seen.add(ident)
+    return False
 
 
 def _override(run: Run, key: str) -> str:
@@ -168,32 +183,38 @@ def replicate_groups(runs: list[Run], strict: bool = True,
 
 def drop_reruns(runs: list[Run]) -> list[Run]:
     """The runs without reruns, and with correctors added later joined in. A run that is the same
-    replicate of one setting as an earlier one:
+    replicate of one setting (the `corrector` option aside) as a run kept before it:
     - with the same metrics, every variant's and every number (a resumed sweep's job run again from the
       cache), is dropped;
-    - with FP and quantized metrics that agree (relative 1e-6) and no shared corrector that differs (a
-      corrector run later on the same replicate, perhaps on another machine and cache), has its
-      correctors joined to the earlier run's, as if one run had made them all;
-    - otherwise is refused, unless the two name other `corrector` options (then each keeps its row).
+    - with the same config (correctors, output paths and batch sizes aside), FP and quantized metrics that
+      agree (relative 1e-6) and no shared corrector that differs (a corrector run later on the same
+      replicate, perhaps on another machine and cache), has its correctors joined to that run's, as if
+      one run had made them all;
+    - otherwise is refused, unless it names another `corrector` option than every such run (then it
+      keeps its own row).
     Each drop and join is noted on stderr."""
-    kept: dict[tuple, Run] = {}
+    kept: dict[tuple, list[Run]] = {}
+    options: dict[tuple, dict[str, Path]] = {}   # corrector option -> a run of it, kept or joined
     out = []
     for values, members in replicate_groups(runs, strict=False, join_correctors=True)[1]:
         for r in members:
-            other = kept.setdefault((tuple(values), replicate_id(r)), r)
-            if other is r:
-                out.append(r)
-            elif _results(other) == _results(r):
-                print(f"note: {r.path} repeats {other.path} (same replicate, same metrics): counted once",
-                      file=sys.stderr)
-            elif _joinable(other, r):
-                _join(other, r)
-            elif setting_value(other, "corrector") != setting_value(r, "corrector"):
-                out.append(r)
-            else:
-                raise ValueError(f"{other.path} and {r.path} are the same replicate of one setting "
+            ident = (tuple(values), replicate_id(r))
+            before, seen = kept.setdefault(ident, []), options.setdefault(ident, {})
+            option = setting_value(r, "corrector")
+            same = next((o for o in before if _results(o) == _results(r)), None)
+            into = next((o for o in before if _joinable(o, r)), None)
+            if same is not None:
+                print(f"note: {r.path} repeats {same.path} (same replicate, same metrics): counted once", file=sys.stderr)
+            elif into is not None:
+                _join(into, r)
+            elif option in seen:
+                raise ValueError(f"{seen[option]} and {r.path} are the same replicate of one setting "
                                  f"({dict(zip(REPLICATE_KEYS, replicate_id(r)))}) with different variants or "
                                  "metrics; keep one of them")
+            else:
+                before.append(r)
+                out.append(r)
+            seen.setdefault(option, r.path)
     keep = {id(r) for r in out}
     return [r for r in runs if id(r) in keep]
 
@@ -207,19 +228,27 @@ def _same_numbers(a: dict, b: dict) -> bool:
 
 
 def _joinable(a: Run, b: Run) -> bool:
-    if a.metrics.get("num_prompts") != b.metrics.get("num_prompts"):
+    if a.metrics.get("num_prompts") != b.metrics.get("num_prompts") or _base_config(a) != _base_config(b):
         return False
     shared = set(a.variants) & set(b.variants)
     return set(BASELINES) <= shared and all(_same_numbers(a.variants[v], b.variants[v]) for v in shared)
 
 
+def _base_config(r: Run) -> dict:
+    """The run's config without what a joined corrector may differ in: its correctors, where outputs go,
+    batch sizes of the images (no number depends on them)."""
+    return {k: v for k, v in r.flat.items() if not k.startswith(("corrector", *IGNORED))}
+
+
 def _join(into: Run, r: Run) -> None:
     added = [v for v in r.variants if v not in into.variants]
+    if not added:   # every variant already there, with the same numbers
+        print(f"note: {r.path} repeats {into.path} (same replicate, same metrics): counted once", file=sys.stderr)
+        return
     into.metrics = {**into.metrics, "variants": {**into.variants, **{v: r.variants[v] for v in added}}}
     into.joined.append(r.path)
-    if added:
-        print(f"note: {r.path} is the same replicate as {into.path} (FP and quantized metrics agree): "
-              f"its {', '.join(added)} joined", file=sys.stderr)
+    print(f"note: {r.path} is the same replicate as {into.path} (FP and quantized metrics agree): "
+          f"its {', '.join(added)} joined", file=sys.stderr)
 
 
 def _results(run: Run) -> str:
@@ -423,8 +452,9 @@ def write_report(paths: list[Path], out: Path, grid_prompts: int = 6, per_replic
     parts += error_sample_section(runs, labels, keys)
     parts.append("<h2>Runs</h2>")
     for lab, r in zip(labels, runs):
+        joined = "".join(f"<br><small>joined: {html.escape(str(j))}</small>" for j in r.joined)
         parts.append(f"<h3>{html.escape(run_label(r, keys))}</h3><p><code>{html.escape(r.command())}</code><br>"
-                     f"<small>{html.escape(str(r.path))}</small></p>")
+                     f"<small>{html.escape(str(r.path))}</small>{joined}</p>")
         grid = figures.image_grid(r.path, r.metrics.get("num_prompts", 0), grid_prompts, tuple(r.joined))
         if grid is not None:
             parts.append(f"<img alt='image grid' src='{_data_uri(grid)}'>")

@@ -319,3 +319,52 @@ def test_a_later_run_whose_shared_corrector_differs_is_refused(tmp_path, capsys)
     _add_corrector(tmp_path / "later" / "0_a", 0, "qdrift", -0.03)       # same name, other result
     assert bench_table.main(["--deltas", str(tmp_path)]) == 2
     assert "same replicate of one setting" in capsys.readouterr().err
+
+
+
+def _overrides(path: Path, r: int, corrector: str, extra: str = "") -> None:
+    (path / ".hydra" / "overrides.yaml").write_text(f"- replicate={r}\n- model=bench_dit\n- corrector={corrector}\n{extra}")
+
+
+def test_joining_does_not_depend_on_which_run_sorts_first_nor_on_a_missing_partner(tmp_path, capsys):
+    """The later sweep's job folders sort before or after the first sweep's, and one replicate has no later
+    run (its sweep hit the deadline): still one row per setting, the later corrector over the replicates
+    it ran; a batch size of its own (no number depends on it) changes nothing."""
+    for r, first, late in ((0, "b_all", "a_late"), (1, "a_all", "b_late"), (2, "a_all", None)):
+        _replicate(tmp_path / f"r{r}" / first, r, -0.02)
+        _overrides(tmp_path / f"r{r}" / first, r, "all")
+        if late:
+            _add_corrector(tmp_path / f"r{r}" / late, r, "late", -0.06 - 0.01 * r)
+            _overrides(tmp_path / f"r{r}" / late, r, "[late]", "- batch_size=100\n")
+    assert bench_table.main(["--deltas", "--gaps", str(tmp_path)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "bench_dit" in line]
+    assert len(rows) == 1 and rows[0].endswith("| 3 | 0.1000 / 0.2000 | **+20 % [+20, +20]** | **+65 % [+1, +129]** |")
+    assert bench_table.main(["--versus", "late", str(tmp_path)]) == 0
+    assert "(n=2)" in capsys.readouterr().out
+
+
+def test_one_replicate_with_a_joined_corrector_shows_it(tmp_path, capsys):
+    _replicate(tmp_path / "sweep" / "0", 0, -0.02)
+    _add_corrector(tmp_path / "later" / "0", 0, "late", -0.06, corrector="[late]")
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("| -0.0200 [-0.0300, -0.0100] | -0.0600 [-0.0700, -0.0500] |")
+
+
+def test_a_rerun_that_contradicts_a_joined_corrector_is_refused(tmp_path, capsys):
+    _replicate(tmp_path / "a" / "0", 0, -0.02)
+    _add_corrector(tmp_path / "b" / "0", 0, "late", -0.06, corrector="[late]")
+    _add_corrector(tmp_path / "c" / "0", 0, "late", +0.09, corrector="[late]")    # same option, other result
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 2
+    assert "b/0 and " in capsys.readouterr().err
+
+
+def test_a_run_whose_config_differs_beyond_its_correctors_is_not_joined(tmp_path, capsys):
+    """Equal FP and quantized metrics are not enough: a calibration setting that differs only in the config
+    (a local default) would make the joined corrector another experiment."""
+    _replicate(tmp_path / "a" / "0", 0, -0.02)
+    _add_corrector(tmp_path / "b" / "0", 0, "late", -0.06)
+    metrics = json.loads((tmp_path / "b" / "0" / "metrics.json").read_text())
+    metrics["config"]["calib"]["trim_std"] = 3.0
+    (tmp_path / "b" / "0" / "metrics.json").write_text(json.dumps(metrics))
+    assert bench_table.main(["--deltas", str(tmp_path)]) == 2
+    assert "same replicate of one setting" in capsys.readouterr().err

@@ -59,6 +59,8 @@ def test_correctors_can_be_chosen(tmp_path):
 def test_unknown_part_fails_before_any_run(tmp_path):
     res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit", "unet_xl")
     assert res.returncode == 2 and "unknown part 'unet_xl'" in res.stderr
+    res = _sweep(tmp_path, _fake_python(tmp_path, 1), "dit", "unet:")
+    assert res.returncode == 2 and "'unet:' names no quantizer" in res.stderr
     assert not (tmp_path / "calls").exists()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qdrift.config import ConfigError, validate
-from qdrift.drift import make_corrector, testbed
+from qdrift.drift import CalibrationPool, make_corrector, testbed
 from qdrift.drift.rules import _levels, coefficients, feasible_steps, schedule_of, x0_variance
 from qdrift.drift.statistics import DriftStatistics
 from qdrift.prompts import TUNE_EXCLUDE, BenchPrompts, prompt_set, tune_captions
@@ -181,6 +181,70 @@ def test_mean_removal_subtracts_that_fraction_of_the_resolved_mean_error_per_cha
     assert make_corrector("qdrift", stats).transform_output(0, u) is u   # the paper's rule is unchanged
 
 
+
+@pytest.mark.parametrize("kind", ["dpmpp", "flow_euler"])
+def test_a_drift_scale_schedule_runs_from_its_first_to_its_last_steps_value(kind):
+    """drift_scale_end: step i's change from the identity is scaled by drift_scale + (end - drift_scale)
+    i / (S - 1); an end equal to the start is the constant scale, to the last bit."""
+    steps = 20
+    sch = testbed.scheduler_for(kind)
+    sch.set_timesteps(steps)
+    schedule = schedule_of(sch)
+    stats = gaussian_stats(s_ee=0.05, s_ue=0.0, steps=steps)
+    unscaled = coefficients(schedule, stats.residual_var, "exact", "skip")
+    ramp = make_corrector("qdrift", stats, mode="exact", drift_scale=0.5, drift_scale_end=1.5).step_coefficients(schedule)
+    changed = (unscaled.p - 1).abs() > 1e-6
+    assert changed.sum() > 3                                           # steps the rule moves
+    scale = (ramp.p - 1)[changed] / (unscaled.p - 1)[changed]
+    expected = torch.linspace(0.5, 1.5, steps, dtype=torch.float64)[:, None].expand_as(changed)[changed]
+    assert torch.allclose(scale, expected)
+    same = make_corrector("qdrift", stats, mode="exact", drift_scale=0.7, drift_scale_end=0.7).step_coefficients(schedule)
+    const = make_corrector("qdrift", stats, mode="exact", drift_scale=0.7).step_coefficients(schedule)
+    assert all(torch.equal(getattr(same, f), getattr(const, f)) for f in ("p", "q", "out"))
+
+
+def test_a_mean_removal_schedule_removes_its_first_steps_share_first_and_its_end_value_last():
+    u_fp, e = linear_error(0.0, [0.2, -0.1, 0.05, 0.0], noise=0.05)
+    step = pool_of(u_fp + e, e)                                      # the same pool at each of 3 steps
+    stats = CalibrationPool(torch.cat([step.scalar] * 3, 1), torch.cat([step.channel] * 3, 1)).fit(5, "channel")
+    assert stats.num_steps == 3
+    shrunk = stats.shrunk_mean_error().float()
+    ramp = make_corrector("qdrift", stats, mode="exact", mean_removal=0.0, mean_removal_end=1.0)
+    u = (u_fp + e)[:1].float()
+    for i, share in enumerate((0.0, 0.5, 1.0)):
+        assert torch.allclose(ramp.transform_output(i, u), u - share * shrunk[i].view(1, 4, 1))
+    assert ramp.transform_output(0, u) is u                            # nothing removed at a zero share
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(drift_scale_end=-0.5), "drift_scale_end must be >= 0"),
+    (dict(mean_removal_end=1.5), "mean_removal_end is the fraction"),
+    (dict(mean_removal_end=0.5, bias_removal=True), "already removes the mean"),
+])
+def test_bad_schedule_options_are_refused(options, match):
+    with pytest.raises(ValueError, match=match):
+        make_corrector("qdrift", gaussian_stats(steps=4), **options)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["+corrector.qdrift_plus.drift_scale_end=-1"], "drift_scale_end must be a number >= 0"),
+    (["+corrector.qdrift_plus.mean_removal_end=1.2"], "mean_removal_end must be a number in \\[0, 1\\]"),
+    (["+corrector.qdrift_plus.drift_scale_end=fast"], "drift_scale_end must be a number"),
+])
+def test_config_refuses_bad_schedules(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose_cfg(["corrector=qdrift_plus", *overrides]), inputs=False)
+
+
+def test_a_mean_removal_schedule_counts_as_mean_removal_in_the_checks():
+    """Mean removal only at the end still removes a mean: a map may feed it, and a stochastic sampler
+    still has something to correct."""
+    base = ["corrector=qdrift_plus", "corrector.qdrift_plus.mean_removal=0", "+corrector.qdrift_plus.mean_removal_end=0.5"]
+    validate(compose_cfg([*base, "+corrector.qdrift_plus.mean_map_runs=8"]), inputs=False)
+    validate(compose_cfg([*base, "sampler=euler_a"]), inputs=False)
+    with pytest.raises(ConfigError, match="mean_map_runs is the map mean removal subtracts"):
+        validate(compose_cfg([*base[:2], "+corrector.qdrift_plus.mean_map_runs=8"]), inputs=False)
+
 def test_the_mean_errors_standard_error_comes_from_the_spread_over_runs():
     g = torch.Generator().manual_seed(3)
     run_means = torch.tensor([0.3, -0.2, 0.1, 0.0, -0.2], dtype=torch.float64)   # zero mean over runs
@@ -277,6 +341,64 @@ def test_optuna_sweep_tunes_on_the_tune_pool_and_minimises_the_fid_delta(tmp_pat
     assert best["best_params"]["corrector.qdrift_plus.infeasible"] in ("skip", "shrink")
     assert re.search(r"sweep: 2/2 jobs done \(0 failed\)", out.stdout + out.stderr)
 
+
+
+def test_the_schedule_tuning_searches_both_ends_of_both_schedules():
+    """experiment=tune_qdrift_plus_sched composes: the tune pool, the scheduled Q-Drift+ as the objective,
+    and five searched values of it; untuned, its schedules are constant at Q-Drift+'s default values."""
+    from hydra import compose, initialize_config_dir
+
+    from qdrift.config import tuned_table
+
+    from .conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", ["experiment=tune_qdrift_plus_sched"], return_hydra_config=True)
+    sched = cfg.corrector.qdrift_plus_sched
+    assert cfg.eval.pool == "tune" and cfg.objective == "qdrift_plus_sched"
+    assert set(cfg.hydra.sweeper.params) == {f"corrector.qdrift_plus_sched.{k}" for k in (
+        "drift_scale", "drift_scale_end", "mean_removal", "mean_removal_end", "infeasible")}
+    default = tuned_table()["qdrift_plus"]["default"]
+    assert (sched.drift_scale, sched.drift_scale_end) == (default["drift_scale"],) * 2
+    assert (sched.mean_removal, sched.mean_removal_end) == (default["mean_removal"],) * 2
+    validate(cfg, inputs=False)
+
+
+
+@pytest.mark.slow
+def test_a_schedule_tuning_resumes_its_study_from_optuna_storage(tmp_path):
+    """A tuning longer than one session: each call a sweep folder of its own and another sampler seed,
+    one study in sqlite storage, so the trials add up (the study numbers them on) and none repeats."""
+    import json
+
+    import optuna
+
+    from .test_scale_out import qdrift
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    for call in (0, 1):
+        qdrift(["-m", "experiment=tune_qdrift_plus_sched", "quant=rtn_w4a8", "++quant.calib_prompts=2",
+                "eval.num_prompts=4", "batch_size=2", "sampler.steps=3", "calib.num_runs=2", "calib.batch_size=2",
+                "eval.num_resamples=50", "eval.kid_subset_size=2", "logger=none", "hydra.sweeper.n_trials=2",
+                f"hydra.sweeper.storage={storage}", f"hydra.sweeper.sampler.seed={call}",
+                f"output_root={tmp_path}", f"hydra.sweep.dir={tmp_path / f'call{call}'}"])
+    study = optuna.load_study(study_name="tune_qdrift_plus_sched", storage=storage)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    params = {json.dumps(t.params, sort_keys=True) for t in study.trials}
+    assert len(params) == 4                                    # the second call did not redraw the first's
+    rows = tune_summary_trials([tmp_path / "call0", tmp_path / "call1"])
+    assert [r["job"] for r in rows] == [0, 1, 2, 3]
+    assert sorted(r["delta"] for r in rows) == sorted(t.value for t in study.trials)
+
+
+def tune_summary_trials(folders):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import tune_summary
+
+    return tune_summary.trials(folders, "qdrift_plus_sched")
 
 def test_gap_sources_split_a_runs_error_and_mark_infeasible_steps(run_tiny):
     import importlib.util

@@ -63,6 +63,7 @@ def changed(a: dict, b: dict) -> set[str]:
     ("batch_size=2", ALL),                       # image batches, PTQ batches and calibration blocks
     ("seed=7", {"fp", "quant_images", "qdrift"}),
     ("corrector.qdrift.drift_scale=0.5", {"qdrift"}),
+    ("+corrector.qdrift.drift_scale_end=0.5", {"qdrift"}),
     ("corrector.qdrift.mode=exact", {"qdrift"}),
     ("corrector.qdrift.bias_removal=true", {"qdrift"}),
     ("corrector.qdrift.pooling=channel", {"qdrift"}),

@@ -46,6 +46,19 @@ def test_a_tuned_choice_is_listed_and_shipped_with_the_numbers(tmp_path, capsys)
     assert capsys.readouterr().out.endswith("    mean_removal: 0.65\n    infeasible: shrink\n")
 
 
+
+def test_a_schedules_end_values_are_listed_and_shipped(tmp_path, capsys):
+    """experiment=tune_qdrift_plus_schedule: each trial's drift_scale_end and mean_removal_end are columns,
+    and the chosen trial's entry has them."""
+    _trial(tmp_path, 0, 1.10, 0.72, -0.002, 0.003, drift_scale_end=0.4, mean_removal_end=0.9, infeasible="skip")
+    _trial(tmp_path, 1, 0.85, 0.65, -0.007, 0.004, drift_scale_end=1.3, mean_removal_end=0.2, infeasible="shrink")
+    assert tune_summary.main([str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert "| trial | drift_scale | mean_removal | drift_scale_end | mean_removal_end | infeasible |" in table
+    assert "| 1 | 0.85 | 0.65 | 1.30 | 0.20 | shrink |" in table
+    tune_summary.main([str(tmp_path), "--yaml"])
+    assert capsys.readouterr().out.endswith("    drift_scale_end: 1.30\n    mean_removal_end: 0.20\n    infeasible: shrink\n")
+
 def test_a_best_trial_not_told_from_noise_keeps_the_default(tmp_path, capsys):
     _trial(tmp_path, 0, 1.10, 0.72, -0.002, 0.003)
     _trial(tmp_path, 1, 0.85, 0.65, -0.004, 0.005)     # best, but its CI straddles zero
@@ -87,3 +100,16 @@ def test_what_is_not_one_tuning_sweep_is_refused(tmp_path, capsys, make, message
     make(tmp_path)
     assert tune_summary.main([str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+
+def test_a_study_resumed_over_several_sweeps_is_numbered_on(tmp_path, capsys):
+    """hydra.sweeper.storage keeps one Optuna study over several calls, each in a sweep folder of its own
+    whose jobs start at 0 again: the summary numbers them on and picks the best of all."""
+    _trial(tmp_path / "c0", 0, 1.10, 0.72, -0.002, 0.003)
+    _trial(tmp_path / "c0", 1, 0.90, 0.70, -0.004, 0.003)
+    _trial(tmp_path / "c1", 0, 0.85, 0.65, -0.007, 0.004)
+    rows = tune_summary.trials([tmp_path / "c0", tmp_path / "c1"], "qdrift_plus")
+    assert [r["job"] for r in rows] == [0, 1, 2]
+    assert tune_summary.main([str(tmp_path / "c0"), str(tmp_path / "c1")]) == 0
+    assert "ship trial 2" in capsys.readouterr().out

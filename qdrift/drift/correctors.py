@@ -126,6 +126,14 @@ class Corrector(StepHook):
 SHRINK_CENTRES = ("pooled", "channel")   # infeasible=shrink: toward the pooled mean output or each channel's
 
 
+def _ramp(start: float, end: float | None, steps: int) -> torch.Tensor:
+    """(steps,) float64: `start` at the first step to `end` at the last, linear in the step index
+    (`end` None: `start` at every step)."""
+    if end is None or steps < 2:
+        return torch.full((steps,), float(start), dtype=torch.float64)
+    return torch.linspace(float(start), float(end), steps, dtype=torch.float64)
+
+
 class QDrift(Corrector):
     """Q-Drift: per-step drift rescaling from V_i (mode "paper" or "exact"), optional bias removal.
 
@@ -145,22 +153,31 @@ class QDrift(Corrector):
     position (drift/error_map.py, given with `use_mean_map`), instead of mu_e per channel.
     `mean_map_spatial` false keeps only that map's channel means: a control for how much of its effect is
     the spatial pattern and how much the larger number of runs.
+    `drift_scale_end` / `mean_removal_end`: the value at the last step, the first step's being `drift_scale`
+    / `mean_removal`, linear in the step index in between (None: the same at every step). Early and late
+    steps differ (the late ones carry most of the residual variance, the middle ones most of the mean).
     """
 
     def __init__(self, stats: DriftStatistics, layout: str = "image", mode: str = "paper",
                  drift_scale: float = 1.0, bias_removal: bool = False, mean_removal: float = 0.0,
                  infeasible: str | None = None, shrink_strength: float = 1.0, shrink_centre: str = "pooled",
-                 mean_map_runs: int = 0, mean_map_spatial: bool = True):
+                 mean_map_runs: int = 0, mean_map_spatial: bool = True, drift_scale_end: float | None = None,
+                 mean_removal_end: float | None = None):
         super().__init__(stats, layout)
-        if drift_scale < 0:
-            raise ValueError(f"drift_scale must be >= 0, got {drift_scale}")
-        if not 0 <= float(mean_removal) <= 1:
-            raise ValueError(f"mean_removal is the fraction of the mean error removed, in [0, 1], got {mean_removal}")
-        if bias_removal and mean_removal:
+        for name, value in (("drift_scale", drift_scale), ("drift_scale_end", drift_scale_end)):
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        for name, value in (("mean_removal", mean_removal), ("mean_removal_end", mean_removal_end)):
+            if value is not None and not 0 <= float(value) <= 1:
+                raise ValueError(f"{name} is the fraction of the mean error removed, in [0, 1], got {value}")
+        self.drift_scale = _ramp(drift_scale, drift_scale_end, stats.num_steps)          # (S,) per step
+        self.mean_removal = _ramp(mean_removal, mean_removal_end, stats.num_steps)
+        removes_mean = bool(self.mean_removal.any())
+        if bias_removal and removes_mean:
             raise ValueError("bias_removal already removes the mean error (with E[e | u]'s slope): "
                              "set mean_removal=0 with it")
-        self.mode, self.drift_scale, self.bias_removal = mode, float(drift_scale), bool(bias_removal)
-        self.mean_removal, self.infeasible = float(mean_removal), infeasible_choice(mode, infeasible)
+        self.mode, self.bias_removal = mode, bool(bias_removal)
+        self.infeasible = infeasible_choice(mode, infeasible)
         if bias_removal and self.infeasible == "shrink":
             raise ValueError("bias_removal already removes E[e | u]'s slope at every step: infeasible=shrink adds nothing")
         if isinstance(shrink_strength, bool) or not isinstance(shrink_strength, (int, float)) or \
@@ -174,7 +191,7 @@ class QDrift(Corrector):
                              f"got {shrink_centre!r} with infeasible={self.infeasible}")
         self.shrink_centre = shrink_centre
         if isinstance(mean_map_runs, bool) or not isinstance(mean_map_runs, int) or mean_map_runs < 0 or \
-                mean_map_runs == 1 or (mean_map_runs and not self.mean_removal):
+                mean_map_runs == 1 or (mean_map_runs and not removes_mean):
             raise ValueError(f"mean_map_runs: the runs of the mean error map that mean removal subtracts (0: per "
                              f"channel from the statistics, else >= 2, with mean_removal > 0), got {mean_map_runs!r}")
         self.mean_map_runs = mean_map_runs
@@ -183,7 +200,7 @@ class QDrift(Corrector):
                              f"mean_map_runs > 0, got mean_map_spatial={mean_map_spatial!r}, mean_map_runs={mean_map_runs}")
         self.mean_map_spatial = mean_map_spatial
         self.mean_map: torch.Tensor | None = None   # (S, C, P), use_mean_map
-        self.shrunk_mean = stats.shrunk_mean_error() if self.mean_removal else None
+        self.shrunk_mean = stats.shrunk_mean_error() if removes_mean else None
         self.shrink: torch.Tensor | None = None   # (S, C) slope where the output is shrunk, else 0; per schedule
         self._noisy = False                        # this step is DDIM's with eta > 0
 
@@ -208,17 +225,19 @@ class QDrift(Corrector):
             where = torch.zeros_like(self.stats.residual_var, dtype=torch.bool) if schedule.stochastic else \
                 ~feasible_steps(schedule, self.stats.residual_var)
             self.shrink = where.to(torch.float64) * self.shrink_strength * self.stats.scalar().regression_slope
-        return coefficients(schedule, self.stats.residual_var, self.mode, self.infeasible).scaled(self.drift_scale)
+        return coefficients(schedule, self.stats.residual_var, self.mode, self.infeasible).scaled(
+            self.drift_scale[:, None])
 
     def transform_output(self, i, u):
         if self.bias_removal:
             return (u.float() - self._conditional_bias(i, u)).to(u.dtype)
         shrinks = self.shrink is not None and not self._noisy and bool(self.shrink[i].any())
-        if not (self.mean_removal or shrinks):
+        removal = float(self.mean_removal[i])
+        if not (removal or shrinks):
             return u
         u32 = out = u.float()
-        if self.mean_removal:
-            out = out - self.mean_removal * self._mean_error(i, u)
+        if removal:
+            out = out - removal * self._mean_error(i, u)
         if shrinks:
             centre = self.stats.mu_u if self.shrink_centre == "channel" else self.stats.scalar().mu_u
             out = out - self._vec(self.shrink, i, u) * (u32 - self._vec(centre, i, u))

@@ -182,8 +182,9 @@ class Coefficients:
     q: torch.Tensor
     out: torch.Tensor
 
-    def scaled(self, drift_scale: float) -> "Coefficients":
-        s = float(drift_scale)
+    def scaled(self, drift_scale: float | torch.Tensor) -> "Coefficients":
+        """Each step's change from the identity times drift_scale (a number, or (S, 1) per step)."""
+        s = drift_scale if isinstance(drift_scale, torch.Tensor) else float(drift_scale)
         return Coefficients(1 + s * (self.p - 1), s * self.q, 1 + s * (self.out - 1))
 
     @classmethod
