@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 NUMBERS = ("drift_scale", "mean_removal")
-SCHEDULE = ("drift_scale_end", "mean_removal_end")   # experiment=tune_qdrift_plus_schedule's trials have them
+SCHEDULE = ("drift_scale_end", "mean_removal_end")   # experiment=tune_qdrift_plus_sched's trials have them
 CHOICES = ("infeasible",)          # in the table and the entry where the trials' configs have them
 PARAMS = NUMBERS + SCHEDULE + CHOICES
 
@@ -58,10 +58,15 @@ def trial(m: Path, corrector: str) -> dict:
 def trials(sweep: Path | list[Path], corrector: str) -> list[dict]:
     """One row per finished trial (a job folder with metrics.json), in job order; trials whose FID delta or
     CI is not a finite number (a diverged run) are left out with a note, never taken for the best.
-    Several sweep folders (one study resumed from its Optuna storage, a folder per session) are numbered
-    on from one another, in the order given."""
+    Several sweep folders (one study resumed from its Optuna storage, a folder per call) are numbered on
+    from one another in the order given, each after every job folder of the one before (finished or
+    not), as Optuna numbers them; their trials must share setting and prompt count."""
+    folders = list(dict.fromkeys(p.resolve() for p in ([sweep] if isinstance(sweep, Path) else sweep)))
+    for folder in folders:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} is not a sweep folder")
     rows, offset = [], 0
-    for folder in [sweep] if isinstance(sweep, Path) else sweep:
+    for folder in folders:
         mine = []
         for m in folder.glob("*/metrics.json"):
             row = trial(m, corrector)
@@ -70,17 +75,24 @@ def trials(sweep: Path | list[Path], corrector: str) -> list[dict]:
             else:
                 print(f"note: {m}: FID delta {row['delta']} [{row['low']}, {row['high']}] is not finite; left out",
                       file=sys.stderr)
-        jobs = [int(m.parent.name.split("_", 1)[0]) for m in folder.glob("*/metrics.json")]
+        if not mine:
+            print(f"note: {folder}: no finished trial", file=sys.stderr)
+        jobs = [int(d.name.split("_", 1)[0]) for d in folder.iterdir() if d.is_dir() and d.name.split("_", 1)[0].isdigit()]
         for row in mine:
             row["job"] += offset
         rows += mine
         offset += max(jobs, default=-1) + 1
-    where = ", ".join(map(str, [sweep] if isinstance(sweep, Path) else sweep))
+    where = ", ".join(map(str, folders))
     if not rows:
         raise FileNotFoundError(f"{where}: no finished trials (*/metrics.json) with a finite FID delta")
-    settings = {r["setting"] for r in rows}
-    if len(settings) > 1:
-        raise ValueError(f"{where}: trials of several settings {sorted(settings)}; summarise one setting at a time")
+    for key, what in (("setting", "settings"), ("prompts", "prompt counts")):
+        values = {r[key] for r in rows}
+        if len(values) > 1:
+            raise ValueError(f"{where}: trials of several {what} {sorted(values)}; summarise one study at a time")
+    keys = {frozenset(k for k in PARAMS if k in r) for r in rows}
+    if len(keys) > 1:
+        raise ValueError(f"{where}: trials tune different values ({' / '.join(sorted(', '.join(sorted(k)) for k in keys))}); "
+                         "summarise one study at a time")
     return sorted(rows, key=lambda r: r["job"])
 
 

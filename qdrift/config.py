@@ -204,6 +204,7 @@ def check_config(cfg) -> None:
                                    f"{q.rank}; add model.svdquant_rank=4")
     _validate_calib(cfg.calib)
     _validate_correctors(cfg.corrector, cfg.quant)
+    _validate_schedules(cfg)
     _validate_sampling_with_correctors(cfg)
     _validate_eval(cfg)
     _validate_seeds(cfg)
@@ -347,6 +348,19 @@ def _removes_mean(c) -> bool:
     return bool(c.get("mean_removal", 0.0) or c.get("mean_removal_end") or 0)
 
 
+def _validate_schedules(cfg) -> None:
+    """A schedule over the steps (drift_scale_end, mean_removal_end) needs two steps to run between."""
+    steps = cfg.sampler.get("steps")
+    if not isinstance(steps, int) or steps >= 2:
+        return
+    for name, c in (cfg.corrector or {}).items():
+        for key in ("drift_scale", "mean_removal"):
+            end = c.get(f"{key}_end")
+            _require(end is None or end == c.get(key, 1.0 if key == "drift_scale" else 0.0),
+                     f"corrector.{name}.{key}_end sets a schedule over the steps, and sampler.steps={steps} has no "
+                     "end to reach: leave it unset")
+
+
 def _validate_correctors(correctors, quant) -> None:
     _require(correctors is None or isinstance(correctors, Mapping),
              f"corrector must be a mapping of variant name -> settings, got {correctors!r}")
@@ -373,7 +387,8 @@ def _validate_correctors(correctors, quant) -> None:
                      f"corrector.{name}.infeasible={c.get('infeasible')!r} is not a choice of the {mode} rule "
                      f"(corrector.{name}.mode); choose one of {list(INFEASIBLE[mode])}")
             _require(not (c.get("bias_removal", False) and _removes_mean(c)),
-                     f"corrector.{name}: bias_removal already removes the mean error; set mean_removal=0 with it")
+                     f"corrector.{name}: bias_removal already removes the mean error; set mean_removal=0 (and "
+                     f"mean_removal_end unset or 0) with it")
             _require(not (c.get("bias_removal", False) and c.get("infeasible") == "shrink"),
                      f"corrector.{name}: bias_removal already removes E[e | u]'s slope at every step; "
                      "infeasible=shrink adds nothing")

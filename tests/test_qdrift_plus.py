@@ -217,13 +217,26 @@ def test_a_mean_removal_schedule_removes_its_first_steps_share_first_and_its_end
 
 
 @pytest.mark.parametrize("options, match", [
-    (dict(drift_scale_end=-0.5), "drift_scale_end must be >= 0"),
+    (dict(drift_scale_end=-0.5), "drift_scale_end is a finite number >= 0"),
+    (dict(drift_scale_end=float("nan")), "drift_scale_end is a finite number >= 0"),
+    (dict(drift_scale_end=True), "drift_scale_end is a finite number >= 0"),
     (dict(mean_removal_end=1.5), "mean_removal_end is the fraction"),
-    (dict(mean_removal_end=0.5, bias_removal=True), "already removes the mean"),
+    (dict(mean_removal_end="0.5"), "mean_removal_end is the fraction"),
+    (dict(mean_removal_end=0.5, bias_removal=True), "mean_removal_end unset or 0"),
 ])
 def test_bad_schedule_options_are_refused(options, match):
     with pytest.raises(ValueError, match=match):
         make_corrector("qdrift", gaussian_stats(steps=4), **options)
+
+
+def test_a_schedule_over_one_step_is_refused():
+    """One step has no end to run to: an end value other than the start would be ignored."""
+    with pytest.raises(ValueError, match="one step has no end"):
+        make_corrector("qdrift", gaussian_stats(steps=1), mean_removal=0.0, mean_removal_end=0.5)
+    make_corrector("qdrift", gaussian_stats(steps=1), drift_scale=0.5, drift_scale_end=0.5)    # the same: fine
+    with pytest.raises(ConfigError, match="sampler.steps=1 has no end"):
+        validate(compose_cfg(["corrector=qdrift_plus", "sampler.steps=1", "+corrector.qdrift_plus.mean_removal_end=0.9"]),
+                 inputs=False)
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -359,8 +372,8 @@ def test_the_schedule_tuning_searches_both_ends_of_both_schedules():
     assert set(cfg.hydra.sweeper.params) == {f"corrector.qdrift_plus_sched.{k}" for k in (
         "drift_scale", "drift_scale_end", "mean_removal", "mean_removal_end", "infeasible")}
     default = tuned_table()["qdrift_plus"]["default"]
-    assert (sched.drift_scale, sched.drift_scale_end) == (default["drift_scale"],) * 2
-    assert (sched.mean_removal, sched.mean_removal_end) == (default["mean_removal"],) * 2
+    assert (sched.drift_scale, sched.drift_scale_end) == (default["drift_scale"], None)      # None: constant
+    assert (sched.mean_removal, sched.mean_removal_end) == (default["mean_removal"], None)
     validate(cfg, inputs=False)
 
 

@@ -48,7 +48,7 @@ def test_a_tuned_choice_is_listed_and_shipped_with_the_numbers(tmp_path, capsys)
 
 
 def test_a_schedules_end_values_are_listed_and_shipped(tmp_path, capsys):
-    """experiment=tune_qdrift_plus_schedule: each trial's drift_scale_end and mean_removal_end are columns,
+    """experiment=tune_qdrift_plus_sched: each trial's drift_scale_end and mean_removal_end are columns,
     and the chosen trial's entry has them."""
     _trial(tmp_path, 0, 1.10, 0.72, -0.002, 0.003, drift_scale_end=0.4, mean_removal_end=0.9, infeasible="skip")
     _trial(tmp_path, 1, 0.85, 0.65, -0.007, 0.004, drift_scale_end=1.3, mean_removal_end=0.2, infeasible="shrink")
@@ -113,3 +113,27 @@ def test_a_study_resumed_over_several_sweeps_is_numbered_on(tmp_path, capsys):
     assert [r["job"] for r in rows] == [0, 1, 2]
     assert tune_summary.main([str(tmp_path / "c0"), str(tmp_path / "c1")]) == 0
     assert "ship trial 2" in capsys.readouterr().out
+
+
+
+def test_a_resumed_study_is_numbered_as_optuna_numbers_it_and_checked(tmp_path, capsys):
+    """A call cut off in a trial leaves a job folder without results: the next call's trials come after it.
+    A missing folder, another prompt count or another set of tuned values is refused, not summarised."""
+    _trial(tmp_path / "c0", 0, 1.10, 0.72, -0.002, 0.003)
+    (tmp_path / "c0" / "1_corrector.qdrift_plus.drift_scale=0.5").mkdir()      # killed at the deadline
+    _trial(tmp_path / "c1", 0, 0.85, 0.65, -0.007, 0.004)
+    (tmp_path / "c2").mkdir()
+    rows = tune_summary.trials([tmp_path / "c0", tmp_path / "c2", tmp_path / "c1", tmp_path / "c0"], "qdrift_plus")
+    assert [r["job"] for r in rows] == [0, 2]
+    assert "c2: no finished trial" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not a sweep folder"):
+        tune_summary.trials([tmp_path / "c0", tmp_path / "typo"], "qdrift_plus")
+    m = tmp_path / "c1" / "0_corrector.qdrift_plus.drift_scale=0.85" / "metrics.json"
+    other = json.loads(m.read_text())
+    other["num_prompts"] = 1000
+    m.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="prompt counts"):
+        tune_summary.trials([tmp_path / "c0", tmp_path / "c1"], "qdrift_plus")
+    _trial(tmp_path / "c3", 0, 0.85, 0.65, -0.007, 0.004, drift_scale_end=1.2)
+    with pytest.raises(ValueError, match="tune different values"):
+        tune_summary.trials([tmp_path / "c0", tmp_path / "c3"], "qdrift_plus")

@@ -164,18 +164,24 @@ class QDrift(Corrector):
                  mean_map_runs: int = 0, mean_map_spatial: bool = True, drift_scale_end: float | None = None,
                  mean_removal_end: float | None = None):
         super().__init__(stats, layout)
-        for name, value in (("drift_scale", drift_scale), ("drift_scale_end", drift_scale_end)):
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
-        for name, value in (("mean_removal", mean_removal), ("mean_removal_end", mean_removal_end)):
-            if value is not None and not 0 <= float(value) <= 1:
-                raise ValueError(f"{name} is the fraction of the mean error removed, in [0, 1], got {value}")
+        for name, value, high in (("drift_scale", drift_scale, math.inf), ("drift_scale_end", drift_scale_end, math.inf),
+                                  ("mean_removal", mean_removal, 1.0), ("mean_removal_end", mean_removal_end, 1.0)):
+            if value is None and name.endswith("_end"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 <= value <= high:
+                what = "the fraction of the mean error removed, in [0, 1]" if high == 1 else "a finite number >= 0"
+                raise ValueError(f"{name} is {what}, got {value!r}")
+        if stats.num_steps < 2 and (drift_scale_end not in (None, drift_scale) or
+                                    mean_removal_end not in (None, mean_removal)):
+            raise ValueError("drift_scale_end / mean_removal_end set a schedule over the steps, and one step has "
+                             "no end to reach: leave them unset")
         self.drift_scale = _ramp(drift_scale, drift_scale_end, stats.num_steps)          # (S,) per step
         self.mean_removal = _ramp(mean_removal, mean_removal_end, stats.num_steps)
         removes_mean = bool(self.mean_removal.any())
         if bias_removal and removes_mean:
             raise ValueError("bias_removal already removes the mean error (with E[e | u]'s slope): "
-                             "set mean_removal=0 with it")
+                             "set mean_removal=0 (and mean_removal_end unset or 0) with it")
         self.mode, self.bias_removal = mode, bool(bias_removal)
         self.infeasible = infeasible_choice(mode, infeasible)
         if bias_removal and self.infeasible == "shrink":
