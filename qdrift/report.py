@@ -195,7 +195,6 @@ def drop_reruns(runs: list[Run]) -> list[Run]:
     Each drop and join is noted on stderr."""
     kept: dict[tuple, list[Run]] = {}
     options: dict[tuple, dict[str, Path]] = {}   # corrector option -> a run of it, kept or joined
-    out = []
     for values, members in replicate_groups(runs, strict=False, join_correctors=True)[1]:
         for r in members:
             ident = (tuple(values), replicate_id(r))
@@ -213,9 +212,8 @@ def drop_reruns(runs: list[Run]) -> list[Run]:
                                  "metrics; keep one of them")
             else:
                 before.append(r)
-                out.append(r)
             seen.setdefault(option, r.path)
-    keep = {id(r) for r in out}
+    keep = {id(r) for members in kept.values() for r in members}
     return [r for r in runs if id(r) in keep]
 
 
